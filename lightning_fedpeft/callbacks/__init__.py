@@ -1,0 +1,6 @@
+"""Lightning callbacks that make a Trainer federated."""
+
+from lightning_fedpeft.callbacks.progress import FederatedProgressBar
+from lightning_fedpeft.callbacks.round_sync import RoundSync
+
+__all__ = ["FederatedProgressBar", "RoundSync"]

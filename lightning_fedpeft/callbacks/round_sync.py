@@ -1,0 +1,286 @@
+"""RoundSync: turns Lightning training epochs into federated rounds.
+
+One training epoch is one round. When Lightning asks for the epoch's training data, the server picks the
+round's participants and RoundSync hands Lightning a loader that yields their local batches one client
+after another. At each client boundary the client's trainable state goes to the server as an update and
+the model is reset to the global state with a fresh optimizer; after the last client the server
+aggregates and the global model is loaded, so Lightning's validation (every ``eval_every`` rounds)
+evaluates the global model. The model stays resident; only trainable tensors are swapped.
+
+It works with any LightningModule (parameters with ``requires_grad`` are federated) and any DataModule:
+one that exposes ``client_indices`` (like ``FederatedTextDataModule``) keeps its partition, any other
+has its training set split IID over ``num_clients``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from lightning_fedpeft.launchers import EmbeddedLauncher
+from lightning_fedpeft.rounds import ClientSegment, RoundBatchSampler
+from lightning_fedpeft.server import FederatedServer
+from lightning_fedpeft.state import load_trainable_state, trainable_state
+from lightning_fedpeft.strategy import ClientUpdate, FedAvg, Strategy
+
+log = logging.getLogger(__name__)
+
+
+class RoundSync(Callback):
+    """Federated rounds (sample, local training, aggregation, evaluation) on top of ``Trainer.fit``.
+
+    Args:
+        clients_per_round: participants sampled each round.
+        num_clients: clients to split the training set over when the DataModule does not define
+            ``client_indices`` itself (then it must be left unset or equal to their number).
+        local_epochs: passes each participant makes over its local data.
+        local_steps: if set, the exact number of local steps per participant (overrides ``local_epochs``).
+        eval_every: evaluate the global model on the validation split every this many rounds.
+        strategy: the server strategy; default sample-weighted ``FedAvg``.
+        seed: seeds the choice of participants and the local shuffles.
+        launcher: where the server lives and which clients this process hosts (default: this process, all).
+    """
+
+    def __init__(
+        self,
+        clients_per_round: int = 10,
+        num_clients: int | None = None,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        eval_every: int = 1,
+        strategy: Strategy | None = None,
+        seed: int = 0,
+        launcher: EmbeddedLauncher | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("clients_per_round", clients_per_round), ("local_epochs", local_epochs), ("eval_every", eval_every)):
+            if value < 1:
+                raise ValueError(f"RoundSync {name}={value} must be at least 1")
+        if local_steps is not None and local_steps < 1:
+            raise ValueError(f"RoundSync local_steps={local_steps} must be at least 1 (or null to use local_epochs)")
+        if num_clients is not None and num_clients < 1:
+            raise ValueError(f"RoundSync num_clients={num_clients} must be at least 1")
+        self.clients_per_round = clients_per_round
+        self.num_clients = num_clients
+        self.local_epochs = local_epochs
+        self.local_steps = local_steps
+        self.eval_every = eval_every
+        self.strategy = strategy if strategy is not None else FedAvg(clients_per_round, seed=seed)
+        if self.strategy.clients_per_round != clients_per_round:
+            raise ValueError(
+                f"RoundSync clients_per_round={clients_per_round} differs from the strategy's "
+                f"{self.strategy.clients_per_round}; set them equal"
+            )
+        self.seed = seed
+        self.launcher = launcher or EmbeddedLauncher()
+        self.history: list[dict[str, Any]] = []
+        self.server: FederatedServer | None = None
+        self._client_indices: list[list[int]] = []
+        self._dataset = None
+        self._loader_kwargs: dict[str, Any] = {}
+        self._patched: Any = None
+        self._trainer: pl.Trainer | None = None
+        self._segments: dict[int, ClientSegment] = {}
+        self._ends: dict[int, ClientSegment] = {}
+        self._round_open = False
+        self._client: ClientSegment | None = None
+        self._losses: list[float] = []
+        self._client_losses: list[float] = []
+        self._t_open = 0.0
+        self._pending: dict[str, Any] | None = None
+
+    # -- set-up: find the data, validate, take over the training loader --------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        data_source = getattr(trainer.fit_loop, "_data_source", None)
+        if data_source is not None and getattr(data_source, "instance", source) is not source:
+            raise ValueError(
+                "RoundSync needs the training data from a LightningDataModule or LightningModule.train_dataloader(); "
+                "pass `datamodule=` to Trainer.fit instead of `train_dataloaders=`"
+            )
+        base = source.train_dataloader()
+        if not isinstance(base, DataLoader):
+            raise TypeError(f"RoundSync needs train_dataloader() to return a torch DataLoader, got {type(base).__name__}")
+        batch_size = base.batch_size if base.batch_size is not None else getattr(base.batch_sampler, "batch_size", None)
+        if not batch_size:
+            raise ValueError("RoundSync could not tell the training batch size from train_dataloader()")
+        self._dataset = base.dataset
+        self._loader_kwargs = {"collate_fn": base.collate_fn, "num_workers": base.num_workers, "pin_memory": base.pin_memory}
+        self._batch_size = int(batch_size)
+
+        indices = getattr(source, "client_indices", None)
+        if indices is not None:
+            if self.num_clients is not None and self.num_clients != len(indices):
+                raise ValueError(
+                    f"RoundSync num_clients={self.num_clients} differs from the data module's {len(indices)} "
+                    f"client partitions; leave RoundSync num_clients unset"
+                )
+            self._client_indices = [list(ix) for ix in indices]
+        else:
+            if self.num_clients is None:
+                raise ValueError(
+                    "RoundSync num_clients must be set when the data module has no client_indices "
+                    "(its training set is then split IID over num_clients clients)"
+                )
+            from lightning_fedpeft.data import partition_clients
+
+            self._client_indices = partition_clients([0] * len(self._dataset), self.num_clients, "iid", seed=self.seed)
+        n_clients = len(self._client_indices)
+        if self.clients_per_round > n_clients:
+            raise ValueError(
+                f"RoundSync clients_per_round={self.clients_per_round} exceeds num_clients={n_clients}; "
+                f"set clients_per_round to at most {n_clients}"
+            )
+        if trainer.limit_train_batches not in (1.0, None):
+            raise ValueError("RoundSync needs every batch of a round: leave trainer.limit_train_batches at 1.0")
+        if not pl_module.automatic_optimization:
+            raise ValueError("RoundSync supports automatic optimization only (it re-creates the optimizer per client)")
+
+        # Lightning must ask for a new loader every epoch (= round), and validate every eval_every rounds.
+        trainer.reload_dataloaders_every_n_epochs = 1
+        trainer.check_val_every_n_epoch = self.eval_every
+        self._patched = source
+        source.train_dataloader = self._round_dataloader  # instance attribute; removed in teardown
+        self.server = self.launcher.connect(self.strategy, n_clients)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._patched is not None:
+            self._patched.__dict__.pop("train_dataloader", None)
+            self._patched = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After any checkpoint restore, so a resumed run continues from the saved global model.
+        assert self.server is not None
+        self.server.initialize(trainable_state(pl_module))
+
+    # -- a round --------------------------------------------------------------------------------------
+    def _round_dataloader(self) -> DataLoader:
+        """Called by Lightning at the start of every epoch: open the round and lay out its batches."""
+        assert self._trainer is not None and self.server is not None
+        round_idx = self._trainer.current_epoch
+        self._t_open = time.perf_counter()
+        plan = self.server.open_round(round_idx)
+        sampler = RoundBatchSampler(
+            self._client_indices,
+            plan.client_ids,
+            self._batch_size,
+            local_epochs=self.local_epochs,
+            local_steps=self.local_steps,
+            seed=self.seed,
+            round_idx=round_idx,
+        )
+        self._segments = {s.first_batch: s for s in sampler.segments}
+        self._ends = {s.last_batch: s for s in sampler.segments}
+        self._round_open = True
+        self._losses = []
+        return DataLoader(self._dataset, batch_sampler=sampler, **self._loader_kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        segment = self._segments.get(batch_idx)
+        if segment is None:
+            return
+        assert self.server is not None
+        load_trainable_state(pl_module, self.server.download(segment.client_id))
+        trainer.strategy.setup_optimizers(trainer)  # fresh optimizer (and schedulers) for every client
+        self._client = segment
+        self._client_losses = []
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._client_losses.append(float(loss.detach()))
+        segment = self._ends.get(batch_idx)
+        if segment is None:
+            return
+        self._finish_client(pl_module)
+        if segment is self._ends[max(self._ends)]:
+            self._close_round(trainer, pl_module)
+
+    def _finish_client(self, pl_module: pl.LightningModule) -> None:
+        assert self.server is not None and self._client is not None
+        metrics = {"train_loss": sum(self._client_losses) / len(self._client_losses)} if self._client_losses else {}
+        self._losses.extend(self._client_losses)
+        update = ClientUpdate(
+            client_id=self._client.client_id,
+            round=self.server.record.round,
+            num_examples=self._client.num_examples,
+            state=trainable_state(pl_module),
+            metrics=metrics,
+        )
+        self.server.submit(update)
+        self._client = None
+
+    def _close_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.server is not None and self.server.record is not None
+        load_trainable_state(pl_module, self.server.close_round())
+        self._round_open = False
+        record = self.server.record
+        row: dict[str, Any] = {
+            "round": record.round,
+            "clients": len(record.received),
+            "missing": len(record.missing),
+            "train_loss": sum(self._losses) / len(self._losses) if self._losses else float("nan"),
+            "bytes_up": record.bytes_up,
+            "bytes_down": record.bytes_down,
+            "train_time_s": time.perf_counter() - self._t_open,
+        }
+        self._pending = row
+        pl_module.log("round", float(record.round), on_step=False, on_epoch=True, prog_bar=True)
+        for key in ("train_loss", "bytes_up", "bytes_down", "train_time_s"):
+            pl_module.log(f"round_{key}", float(row[key]), on_step=False, on_epoch=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._round_open:  # the epoch stopped early (e.g. max_steps): still aggregate what was trained
+            if self._client is not None:
+                self._finish_client(pl_module)
+            self._close_round(trainer, pl_module)
+        if self._pending is None:
+            return
+        row = self._pending
+        self._pending = None
+        row["round_time_s"] = time.perf_counter() - self._t_open  # includes the evaluation, if any
+        if (row["round"] + 1) % self.eval_every == 0:
+            for key in ("val_acc", "val_f1", "val_loss"):
+                value = trainer.callback_metrics.get(key)
+                if value is not None:
+                    row[key] = float(value)
+        self.history.append(row)
+        self._write_table(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._round_open:
+            self.on_train_epoch_end(trainer, pl_module)
+
+    def _write_table(self, trainer: pl.Trainer) -> None:
+        """Keep ``rounds.csv`` (one row per round) next to the logger's files."""
+        if trainer.log_dir is None or not trainer.is_global_zero:
+            return
+        path = Path(trainer.log_dir) / "rounds.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns: list[str] = []
+        for row in self.history:
+            columns.extend(k for k in row if k not in columns)
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.history)
+
+    # -- checkpointing ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))

@@ -1,0 +1,108 @@
+"""``fedpeft``: the LightningCLI front end. ``fedpeft fit --config configs/quickstart.yaml``.
+
+Config sections: ``trainer`` (Lightning's; one epoch is one round, so ``max_epochs`` is the number of
+rounds), ``model`` (:class:`FedPEFTModule`), ``data`` (:class:`FederatedTextDataModule`), ``federation``
+(:class:`RoundSync`) and ``progress_bar`` (:class:`FederatedProgressBar`). After ``fit`` the final
+global model is evaluated on the test split and a per-round summary is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_fedpeft.callbacks import FederatedProgressBar, RoundSync
+from lightning_fedpeft.data import FederatedTextDataModule
+from lightning_fedpeft.module import FedPEFTModule
+
+
+class FedPEFTCLI(LightningCLI):
+    """LightningCLI with the federation settings, linked arguments and a test pass after ``fit``."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(RoundSync, "federation")
+        parser.add_lightning_class_args(FederatedProgressBar, "progress_bar")
+        parser.add_argument("--test_after_fit", type=bool, default=True, help="Evaluate the final global model on the test split.")
+        # The tokenizer is the model's, and the number of classes comes from the data.
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        # Bad settings raise ValueError while the data module and model are built, before any training:
+        # print the message (it names the setting and the fix) instead of a traceback.
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            print(f"fedpeft: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        results: list[dict[str, float]] = []
+        if self.config_init[self.subcommand].get("test_after_fit", True) and not trainer.interrupted:
+            results = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        if trainer.is_global_zero:
+            _print_summary(trainer, results[0] if results else {})
+
+
+def _print_summary(trainer: Any, test: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    sync = next((cb for cb in trainer.callbacks if isinstance(cb, RoundSync)), None)
+    console = Console()
+    if sync is not None and sync.history:
+        table = Table(title="Federated rounds")
+        for column in ("round", "clients", "train_loss", "val_acc", "val_f1", "MB up", "MB down", "seconds"):
+            table.add_column(column, justify="right")
+        for row in sync.history:
+            table.add_row(
+                str(row["round"] + 1),
+                str(row["clients"]),
+                f"{row['train_loss']:.3f}",
+                f"{row['val_acc']:.3f}" if "val_acc" in row else "",
+                f"{row['val_f1']:.3f}" if "val_f1" in row else "",
+                f"{row['bytes_up'] / 1e6:.2f}",
+                f"{row['bytes_down'] / 1e6:.2f}",
+                f"{row['round_time_s']:.1f}",
+            )
+        console.print(table)
+        up = sum(r["bytes_up"] for r in sync.history) / 1e6
+        down = sum(r["bytes_down"] for r in sync.history) / 1e6
+        console.print(f"traffic: {up:.1f} MB up, {down:.1f} MB down over {len(sync.history)} rounds")
+    if test:
+        console.print(
+            f"[bold]test accuracy {test.get('test_acc', float('nan')):.4f}[/bold]  "
+            f"macro-F1 {test.get('test_f1', float('nan')):.4f}  (global model after the last round)"
+        )
+    if trainer.log_dir:
+        console.print(f"logs: {trainer.log_dir}")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``fedpeft`` console script and ``python -m lightning_fedpeft``."""
+    run_cli(args)
+
+
+def run_cli(args: list[str] | None = None) -> FedPEFTCLI:
+    """Build and run the CLI; returns it (with its trainer, model and data module) for programmatic use."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models and data are local
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return FedPEFTCLI(
+        FedPEFTModule,
+        FederatedTextDataModule,
+        args=args,
+        seed_everything_default=42,
+        trainer_defaults={
+            "max_epochs": 10,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 10,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        },
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "Federated parameter-efficient fine-tuning (lightning-fedpeft)."},
+    )
+

