@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import torch
 from torch import nn
 
 PEFTMethod = Literal["adapter", "lora", "svd", "full"]
@@ -63,8 +64,15 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
-def load_backbone(path: Path, num_labels: int, num_hidden_layers: int | None = None) -> nn.Module:
-    """Load a sequence-classification model from a local folder, optionally cut to its first layers."""
+def load_backbone(
+    path: Path, num_labels: int, num_hidden_layers: int | None = None, pooling: str = "model"
+) -> nn.Module:
+    """Load a sequence-classification model from a local folder, optionally cut to its first layers.
+
+    ``pooling="mean"`` replaces a BERT-style pooler with :class:`MaskedMeanPooler`.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"model.pooling={pooling!r} is unknown; allowed: {', '.join(POOLINGS)}")
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -81,10 +89,55 @@ def load_backbone(path: Path, num_labels: int, num_hidden_layers: int | None = N
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, config=config, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, local_files_only=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
+    return use_mean_pooling(model) if pooling == "mean" else model
+
+
+POOLINGS: tuple[str, ...] = ("mean", "model")
+
+
+class MaskedMeanPooler(nn.Module):
+    """Replaces a BERT-style ``pooler``: the average of the non-padding token states.
+
+    Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained with mean pooling; their
+    ``[CLS]`` state and pre-trained pooler are almost constant across inputs (per-feature std ~1e-4 on
+    20 Newsgroups), so a classifier on top of them barely learns. The attention mask is handed over by a
+    forward pre-hook on the encoder, because the pooler itself is only called with the hidden states.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        self.mask = None
+        if mask is None or mask.shape != hidden.shape[:2]:
+            return hidden.mean(dim=1)
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def use_mean_pooling(model: nn.Module) -> nn.Module:
+    """Swap the model's ``pooler`` for :class:`MaskedMeanPooler` (in place); return the model."""
+    base = getattr(model, "base_model", None)
+    if base is None or getattr(base, "pooler", None) is None:
+        raise ValueError(
+            f"model.pooling='mean' needs a BERT-style model with a pooler; {type(model).__name__} has none. "
+            f"Set model.pooling='model' to use the model's own head"
+        )
+    pooler = MaskedMeanPooler()
+    base.pooler = pooler
+
+    def stash_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        pooler.mask = mask
+
+    base.register_forward_pre_hook(stash_mask, with_kwargs=True)
+    return model
 
 
 def head_module_names(model: nn.Module) -> list[str]:

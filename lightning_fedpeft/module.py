@@ -29,6 +29,8 @@ class FedPEFTModule(pl.LightningModule):
         target_modules: lora/svd: module name suffixes to adapt (default: query/value for LoRA, all six
             linear kinds for SVD).
         num_hidden_layers: keep only the first N pre-trained layers (a cheap model for tests).
+        pooling: ``mean`` (average of the token states; right for sentence-embedding checkpoints such as
+            MiniLM) or ``model`` (the checkpoint's own pooler / head).
         optimizer: ``adamw`` or ``sgd``.
         lr: learning rate of the local optimizer.
         weight_decay: weight decay of the local optimizer.
@@ -48,6 +50,7 @@ class FedPEFTModule(pl.LightningModule):
         lora_dropout: float = 0.0,
         target_modules: list[str] | None = None,
         num_hidden_layers: int | None = None,
+        pooling: str = "mean",
         optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -63,7 +66,7 @@ class FedPEFTModule(pl.LightningModule):
             raise ValueError(f"model.lr={lr} must be positive")
         self.save_hyperparameters()
         path = resolve_model_path(model_name_or_path)
-        backbone = load_backbone(path, num_labels=num_labels, num_hidden_layers=num_hidden_layers)
+        backbone = load_backbone(path, num_labels=num_labels, num_hidden_layers=num_hidden_layers, pooling=pooling)
         try:
             self.model = apply_peft(
                 backbone,
