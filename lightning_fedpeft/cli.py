@@ -25,7 +25,9 @@ class FedPEFTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(RoundSync, "federation")
         parser.add_lightning_class_args(FederatedProgressBar, "progress_bar")
-        parser.add_argument("--test_after_fit", type=bool, default=True, help="Evaluate the final global model on the test split.")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=True, help="Evaluate the final global model on the test split."
+        )
         # The tokenizer is the model's, and the number of classes comes from the data.
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
@@ -35,6 +37,10 @@ class FedPEFTCLI(LightningCLI):
         # print the message (it names the setting and the fix) instead of a traceback.
         try:
             super().instantiate_classes()
+            clients = getattr(self.datamodule, "num_clients", None)
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, RoundSync) and clients is not None:
+                    callback.check_num_clients(clients)
         except ValueError as err:
             print(f"fedpeft: error: {err}", file=sys.stderr)
             sys.exit(2)
@@ -105,4 +111,3 @@ def run_cli(args: list[str] | None = None) -> FedPEFTCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": "Federated parameter-efficient fine-tuning (lightning-fedpeft)."},
     )
-

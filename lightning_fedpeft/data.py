@@ -233,6 +233,7 @@ class FederatedTextDataModule(pl.LightningDataModule):
         )
         self.datasets: dict[str, TokenizedDataset] = {}
         self.collate = PadCollate()
+        self.cache_hits = 0  # tokenized splits read from the cache (observable in tests and logs)
 
     # -- reading -----------------------------------------------------------------------------------------
     def _split_files(self) -> dict[str, Path | None]:
@@ -302,7 +303,7 @@ class FederatedTextDataModule(pl.LightningDataModule):
         hp = self.hparams
         texts, _ = self._raw[split]
         digest = hashlib.sha1()
-        for part in (str(self.tokenizer_path), str(hp.max_length), str(len(texts))):
+        for part in ("v2", str(self.tokenizer_path), str(hp.max_length), str(len(texts))):
             digest.update(part.encode())
         for text in texts:
             digest.update(text.encode("utf-8", "replace"))
@@ -313,17 +314,21 @@ class FederatedTextDataModule(pl.LightningDataModule):
     def _tokenize(self, split: str) -> list[torch.Tensor]:
         cache = self._cache_file(split)
         if cache.is_file():
-            return torch.load(cache, weights_only=True)
+            cached = torch.load(cache, weights_only=True)
+            self.collate.pad_token_id = int(cached["pad_token_id"])
+            self.cache_hits += 1
+            return cached["input_ids"]
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
-        self.collate.pad_token_id = tok.pad_token_id or 0
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.collate.pad_token_id = pad_id
         texts, _ = self._raw[split]
         encoded = tok(texts, truncation=True, max_length=self.hparams.max_length)["input_ids"]
         ids = [torch.tensor(x, dtype=torch.long) for x in encoded]
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save(ids, tmp)
+        torch.save({"input_ids": ids, "pad_token_id": pad_id}, tmp)
         os.replace(tmp, cache)  # atomic: parallel processes never read a half-written cache
         return ids
 

@@ -30,7 +30,12 @@ DEFAULT_SVD_TARGETS: tuple[str, ...] = (
     "intermediate.dense",
     "output.dense",
 )
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 
 
 def resolve_model_path(name_or_path: str) -> Path:

@@ -35,9 +35,7 @@ def load_trainable_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
-        raise KeyError(
-            f"trainable state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise KeyError(f"trainable state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(params[name].shape):
             raise ValueError(

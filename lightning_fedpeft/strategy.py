@@ -61,7 +61,9 @@ class Strategy:
         chosen = torch.randperm(num_clients, generator=gen)[: self.clients_per_round]
         return RoundPlan(round=round_idx, client_ids=sorted(chosen.tolist()))
 
-    def aggregate(self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]) -> TrainableState:
+    def aggregate(
+        self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
+    ) -> TrainableState:
         """Combine client updates into the next global state."""
         raise NotImplementedError
 
@@ -73,7 +75,9 @@ class FedAvg(Strategy):
     training examples. With no updates (every participant failed) the global state is kept.
     """
 
-    def aggregate(self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]) -> TrainableState:
+    def aggregate(
+        self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
+    ) -> TrainableState:
         if not updates:
             return {k: v.clone() for k, v in global_state.items()}
         total = sum(u.num_examples for u in updates)

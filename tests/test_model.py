@@ -36,7 +36,10 @@ def test_adapter_at_init_leaves_the_output_unchanged() -> None:
 def test_adapter_depth_picks_the_top_layers_and_freezes_the_rest() -> None:
     model = apply_peft(load_backbone(MINILM, num_labels=3), "adapter", depth=2, width=8)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all(n.startswith(("bert.encoder.layer.4.output.adapter", "bert.encoder.layer.5.output.adapter", "classifier")) for n in names), names
+    assert all(
+        n.startswith(("bert.encoder.layer.4.output.adapter", "bert.encoder.layer.5.output.adapter", "classifier"))
+        for n in names
+    ), names
     assert any(n.startswith("classifier") for n in names)
     assert {n.split(".")[3] for n in names if "adapter" in n} == {"4", "5"}
 

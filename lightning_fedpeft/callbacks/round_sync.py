@@ -61,7 +61,11 @@ class RoundSync(Callback):
         launcher: EmbeddedLauncher | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("clients_per_round", clients_per_round), ("local_epochs", local_epochs), ("eval_every", eval_every)):
+        for name, value in (
+            ("clients_per_round", clients_per_round),
+            ("local_epochs", local_epochs),
+            ("eval_every", eval_every),
+        ):
             if value < 1:
                 raise ValueError(f"RoundSync {name}={value} must be at least 1")
         if local_steps is not None and local_steps < 1:
@@ -111,12 +115,18 @@ class RoundSync(Callback):
             )
         base = source.train_dataloader()
         if not isinstance(base, DataLoader):
-            raise TypeError(f"RoundSync needs train_dataloader() to return a torch DataLoader, got {type(base).__name__}")
+            raise TypeError(
+                f"RoundSync needs train_dataloader() to return a torch DataLoader, got {type(base).__name__}"
+            )
         batch_size = base.batch_size if base.batch_size is not None else getattr(base.batch_sampler, "batch_size", None)
         if not batch_size:
             raise ValueError("RoundSync could not tell the training batch size from train_dataloader()")
         self._dataset = base.dataset
-        self._loader_kwargs = {"collate_fn": base.collate_fn, "num_workers": base.num_workers, "pin_memory": base.pin_memory}
+        self._loader_kwargs = {
+            "collate_fn": base.collate_fn,
+            "num_workers": base.num_workers,
+            "pin_memory": base.pin_memory,
+        }
         self._batch_size = int(batch_size)
 
         indices = getattr(source, "client_indices", None)
@@ -137,11 +147,7 @@ class RoundSync(Callback):
 
             self._client_indices = partition_clients([0] * len(self._dataset), self.num_clients, "iid", seed=self.seed)
         n_clients = len(self._client_indices)
-        if self.clients_per_round > n_clients:
-            raise ValueError(
-                f"RoundSync clients_per_round={self.clients_per_round} exceeds num_clients={n_clients}; "
-                f"set clients_per_round to at most {n_clients}"
-            )
+        self.check_num_clients(n_clients)
         if trainer.limit_train_batches not in (1.0, None):
             raise ValueError("RoundSync needs every batch of a round: leave trainer.limit_train_batches at 1.0")
         if not pl_module.automatic_optimization:
@@ -153,6 +159,14 @@ class RoundSync(Callback):
         self._patched = source
         source.train_dataloader = self._round_dataloader  # instance attribute; removed in teardown
         self.server = self.launcher.connect(self.strategy, n_clients)
+
+    def check_num_clients(self, num_clients: int) -> None:
+        """Raise a ``ValueError`` naming the setting if a round cannot be formed from ``num_clients``."""
+        if self.clients_per_round > num_clients:
+            raise ValueError(
+                f"federation.clients_per_round={self.clients_per_round} exceeds the {num_clients} clients "
+                f"(data.num_clients); set clients_per_round to at most {num_clients}"
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._patched is not None:
@@ -186,7 +200,9 @@ class RoundSync(Callback):
         self._losses = []
         return DataLoader(self._dataset, batch_sampler=sampler, **self._loader_kwargs)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         segment = self._segments.get(batch_idx)
         if segment is None:
             return
