@@ -8,8 +8,10 @@ global model is evaluated on the test split and a per-round summary is printed.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -93,8 +95,22 @@ def main(args: list[str] | None = None) -> None:
     run_cli(args)
 
 
+def _quiet_third_party_noise() -> None:
+    # Keep the console about the run: drop Lightning's product tips and a torch-2.13 deprecation that
+    # Lightning 2.6 triggers on every step. Only the CLI does this; the library leaves filters alone.
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip")
+
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(_NoTips())
+
+
 def run_cli(args: list[str] | None = None) -> FedPEFTCLI:
     """Build and run the CLI; returns it (with its trainer, model and data module) for programmatic use."""
+    _quiet_third_party_noise()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models and data are local
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return FedPEFTCLI(

@@ -8,8 +8,13 @@ from lightning.pytorch.callbacks import RichProgressBar
 class FederatedProgressBar(RichProgressBar):
     """RichProgressBar whose training line reads ``Round k/N`` instead of ``Epoch k``.
 
-    The latest ``val_acc`` and ``round`` appear beside it because they are logged with ``prog_bar=True``.
+    The latest ``val_acc`` and ``val_f1`` of the global model appear beside it (logged with ``prog_bar=True``).
     """
+
+    def get_metrics(self, trainer, pl_module):  # noqa: ANN001, ANN201 (Lightning's signature)
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger version is noise next to the round
+        return metrics
 
     def _get_train_description(self, current_epoch: int) -> str:
         total = self.trainer.max_epochs

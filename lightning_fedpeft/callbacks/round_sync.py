@@ -254,7 +254,7 @@ class RoundSync(Callback):
             "train_time_s": time.perf_counter() - self._t_open,
         }
         self._pending = row
-        pl_module.log("round", float(record.round), on_step=False, on_epoch=True, prog_bar=True)
+        pl_module.log("round", float(record.round), on_step=False, on_epoch=True)
         for key in ("train_loss", "bytes_up", "bytes_down", "train_time_s"):
             pl_module.log(f"round_{key}", float(row[key]), on_step=False, on_epoch=True)
 
