@@ -282,7 +282,8 @@ class RoundSync(Callback):
 
     def _write_table(self, trainer: pl.Trainer) -> None:
         """Keep ``rounds.csv`` (one row per round) next to the logger's files."""
-        if trainer.log_dir is None or not trainer.is_global_zero:
+        # Only beside a logger's files: with logger=False, log_dir is the working directory.
+        if not trainer.loggers or trainer.log_dir is None or not trainer.is_global_zero:
             return
         path = Path(trainer.log_dir) / "rounds.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
