@@ -50,9 +50,12 @@ class FedPEFTCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer = self.trainer
         results: list[dict[str, float]] = []
-        if self.config_init[self.subcommand].get("test_after_fit", True) and not trainer.interrupted:
+        sync = next((cb for cb in trainer.callbacks if isinstance(cb, RoundSync)), None)
+        is_server = sync is None or sync.launcher.is_server  # with several ranks only the server tests
+        if self.config_init[self.subcommand].get("test_after_fit", True) and not trainer.interrupted and is_server:
             results = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-        if trainer.is_global_zero:
+        sync = next((cb for cb in trainer.callbacks if isinstance(cb, RoundSync)), None)
+        if sync is None or sync.launcher.is_server:
             _print_summary(trainer, results[0] if results else {})
 
 

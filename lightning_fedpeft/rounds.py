@@ -29,6 +29,11 @@ class ClientSegment:
         return self.first_batch + self.num_batches - 1
 
 
+def client_seed(seed: int, round_idx: int, client_id: int) -> int:
+    """A seed for one client's work in one round (its batch order and its dropout)."""
+    return (seed * 1_000_003 + round_idx * 10_007 + client_id) % (2**63 - 1)
+
+
 def client_batches(
     indices: Sequence[int],
     batch_size: int,
@@ -80,10 +85,12 @@ class RoundBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         round_idx: int = 0,
     ) -> None:
-        gen = torch.Generator().manual_seed(seed * 7_919 + round_idx)
         self.batches: list[list[int]] = []
         self.segments: list[ClientSegment] = []
         for cid in client_ids:
+            # One generator per (seed, round, client): a client's batches do not depend on which other
+            # clients share its process, so a multi-rank run trains exactly what the simulator trains.
+            gen = torch.Generator().manual_seed(client_seed(seed, round_idx, cid))
             batches = client_batches(list(client_indices[cid]), batch_size, local_epochs, local_steps, gen)
             if not batches:
                 continue  # an empty client has nothing to contribute

@@ -29,6 +29,7 @@ class RoundRecord:
     received: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     late: list[int] = field(default_factory=list)
+    client_losses: dict[int, float] = field(default_factory=dict)
     bytes_down: int = 0
     bytes_up: int = 0
 
@@ -61,6 +62,14 @@ class FederatedServer:
         self._updates = []
         return self.plan
 
+    @property
+    def round_is_open(self) -> bool:
+        return self.plan is not None
+
+    def outstanding(self) -> list[int]:
+        """Participants of the open round that have neither an accepted nor a rejected update yet."""
+        return [] if self.record is None or self.plan is None else self.record.missing
+
     def download(self, client_id: int) -> TrainableState:
         """The global state a participant starts from; counted as bytes sent down."""
         assert self.record is not None, "no open round"
@@ -81,6 +90,8 @@ class FederatedServer:
             return False
         assert self.record is not None
         self.record.received.append(update.client_id)
+        if "train_loss" in update.metrics:
+            self.record.client_losses[update.client_id] = float(update.metrics["train_loss"])
         self.record.bytes_up += state_nbytes(update.state)
         self._updates.append(update)
         return True
@@ -109,7 +120,9 @@ class FederatedServer:
         assert self.record is not None and self.plan is not None, "no open round"
         if self.record.missing:
             log.warning("round %s closed without clients %s", self.record.round, self.record.missing)
-        self.global_state = self.strategy.aggregate(self.record.round, self.global_state, self._updates)
+        # In client-id order, so the result does not depend on which process finished first.
+        updates = sorted(self._updates, key=lambda u: u.client_id)
+        self.global_state = self.strategy.aggregate(self.record.round, self.global_state, updates)
         self._updates = []
         self.plan = None
         return self.global_state

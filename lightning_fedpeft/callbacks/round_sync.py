@@ -25,9 +25,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from lightning_fedpeft.launchers import EmbeddedLauncher
-from lightning_fedpeft.rounds import ClientSegment, RoundBatchSampler
-from lightning_fedpeft.server import FederatedServer
+from lightning_fedpeft.launchers import EmbeddedLauncher, RoundChannel, RoundTicket
+from lightning_fedpeft.launchers.rpc import MODES, RPCLauncher, distributed_env
+from lightning_fedpeft.rounds import ClientSegment, RoundBatchSampler, client_seed
 from lightning_fedpeft.state import load_trainable_state, trainable_state
 from lightning_fedpeft.strategy import ClientUpdate, FedAvg, Strategy
 
@@ -45,8 +45,13 @@ class RoundSync(Callback):
         local_steps: if set, the exact number of local steps per participant (overrides ``local_epochs``).
         eval_every: evaluate the global model on the validation split every this many rounds.
         strategy: the server strategy; default sample-weighted ``FedAvg``.
-        seed: seeds the choice of participants and the local shuffles.
-        launcher: where the server lives and which clients this process hosts (default: this process, all).
+        seed: seeds the choice of participants, the local shuffles and each client's dropout.
+        mode: with several processes: ``simulation`` (the round's virtual clients are dealt to the ranks)
+            or ``real`` (each rank is one client with its own data). Ignored in one process.
+        round_deadline_s / liveness_timeout_s / wait_timeout_s: fault handling of the multi-process
+            runtime (see :class:`~lightning_fedpeft.launchers.rpc.RPCLauncher`).
+        launcher: where the server lives and which clients this process hosts. Default: torch.distributed
+            RPC when ``WORLD_SIZE`` > 1 is set (torchrun), else this process hosts the server and all clients.
     """
 
     def __init__(
@@ -58,7 +63,11 @@ class RoundSync(Callback):
         eval_every: int = 1,
         strategy: Strategy | None = None,
         seed: int = 0,
-        launcher: EmbeddedLauncher | None = None,
+        mode: str = "simulation",
+        round_deadline_s: float = 600.0,
+        liveness_timeout_s: float = 60.0,
+        wait_timeout_s: float = 1800.0,
+        launcher: RoundChannel | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -84,9 +93,22 @@ class RoundSync(Callback):
                 f"{self.strategy.clients_per_round}; set them equal"
             )
         self.seed = seed
-        self.launcher = launcher or EmbeddedLauncher()
+        if mode not in MODES:
+            raise ValueError(f"federation.mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
+        if launcher is None:
+            if distributed_env() is not None:
+                launcher = RPCLauncher(mode, round_deadline_s, liveness_timeout_s, wait_timeout_s)
+            elif mode == "real":
+                raise ValueError(
+                    "federation.mode='real' needs several processes (one per client): launch with torchrun, "
+                    "or use mode='simulation' in one process"
+                )
+            else:
+                launcher = EmbeddedLauncher()
+        self.mode = mode
+        self.launcher: RoundChannel = launcher
         self.history: list[dict[str, Any]] = []
-        self.server: FederatedServer | None = None
+        self._ticket: RoundTicket | None = None
         self._client_indices: list[list[int]] = []
         self._dataset = None
         self._loader_kwargs: dict[str, Any] = {}
@@ -130,7 +152,18 @@ class RoundSync(Callback):
         self._batch_size = int(batch_size)
 
         indices = getattr(source, "client_indices", None)
-        if indices is not None:
+        channel = self.launcher
+        if self.mode == "real" and channel.world_size > 1:
+            # Each rank is one client (id = rank) and trains on its own data: its partition if the data
+            # module has several, else all of its training set.
+            if indices is not None and len(indices) not in (1, channel.world_size):
+                raise ValueError(
+                    f"federation.mode='real': the data module has {len(indices)} client partitions for "
+                    f"{channel.world_size} ranks; set data.num_clients={channel.world_size} (one per rank) or 1"
+                )
+            own = list(indices[channel.rank] if indices is not None and len(indices) > 1 else range(len(self._dataset)))
+            self._client_indices = [own if r == channel.rank else [] for r in range(channel.world_size)]
+        elif indices is not None:
             if self.num_clients is not None and self.num_clients != len(indices):
                 raise ValueError(
                     f"RoundSync num_clients={self.num_clients} differs from the data module's {len(indices)} "
@@ -148,6 +181,21 @@ class RoundSync(Callback):
             self._client_indices = partition_clients([0] * len(self._dataset), self.num_clients, "iid", seed=self.seed)
         n_clients = len(self._client_indices)
         self.check_num_clients(n_clients)
+        if channel.world_size > 1:
+            # Lightning ends fit after an epoch without batches, so every rank must train every round.
+            if self.mode == "simulation" and self.clients_per_round < channel.world_size:
+                raise ValueError(
+                    f"federation.clients_per_round={self.clients_per_round} is below the {channel.world_size} "
+                    f"ranks; every rank trains at least one client per round, so use at least {channel.world_size}"
+                )
+            if self.mode == "real" and self.clients_per_round != channel.world_size:
+                raise ValueError(
+                    f"federation.mode='real': every rank's client trains every round; set "
+                    f"federation.clients_per_round={channel.world_size}"
+                )
+            if not channel.is_server:
+                trainer.limit_val_batches = 0  # the server evaluates the global model; clients do not
+                trainer.num_sanity_val_steps = 0
         if trainer.limit_train_batches not in (1.0, None):
             raise ValueError("RoundSync needs every batch of a round: leave trainer.limit_train_batches at 1.0")
         if not pl_module.automatic_optimization:
@@ -158,7 +206,7 @@ class RoundSync(Callback):
         trainer.check_val_every_n_epoch = self.eval_every
         self._patched = source
         source.train_dataloader = self._round_dataloader  # instance attribute; removed in teardown
-        self.server = self.launcher.connect(self.strategy, n_clients)
+        self._num_clients = n_clients
 
     def check_num_clients(self, num_clients: int) -> None:
         """Raise a ``ValueError`` naming the setting if a round cannot be formed from ``num_clients``."""
@@ -172,22 +220,22 @@ class RoundSync(Callback):
         if stage == "fit" and self._patched is not None:
             self._patched.__dict__.pop("train_dataloader", None)
             self._patched = None
+            self.launcher.shutdown()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After any checkpoint restore, so a resumed run continues from the saved global model.
-        assert self.server is not None
-        self.server.initialize(trainable_state(pl_module))
+        self.launcher.start(self.strategy, self._num_clients, trainable_state(pl_module))
 
     # -- a round --------------------------------------------------------------------------------------
     def _round_dataloader(self) -> DataLoader:
         """Called by Lightning at the start of every epoch: open the round and lay out its batches."""
-        assert self._trainer is not None and self.server is not None
+        assert self._trainer is not None
         round_idx = self._trainer.current_epoch
         self._t_open = time.perf_counter()
-        plan = self.server.open_round(round_idx)
+        self._ticket = self.launcher.begin_round(round_idx)
         sampler = RoundBatchSampler(
             self._client_indices,
-            plan.client_ids,
+            self._ticket.client_ids,
             self._batch_size,
             local_epochs=self.local_epochs,
             local_steps=self.local_steps,
@@ -196,6 +244,8 @@ class RoundSync(Callback):
         )
         self._segments = {s.first_batch: s for s in sampler.segments}
         self._ends = {s.last_batch: s for s in sampler.segments}
+        if not sampler.segments:
+            raise RuntimeError(f"rank {self.launcher.rank} has no client with data in round {round_idx}")
         self._round_open = True
         self._losses = []
         return DataLoader(self._dataset, batch_sampler=sampler, **self._loader_kwargs)
@@ -206,9 +256,11 @@ class RoundSync(Callback):
         segment = self._segments.get(batch_idx)
         if segment is None:
             return
-        assert self.server is not None
-        load_trainable_state(pl_module, self.server.download(segment.client_id))
+        assert self._ticket is not None
+        load_trainable_state(pl_module, self._ticket.global_state)
         trainer.strategy.setup_optimizers(trainer)  # fresh optimizer (and schedulers) for every client
+        # Dropout etc. depend only on (seed, round, client), wherever the client is trained.
+        torch.manual_seed(client_seed(self.seed, self._ticket.round, segment.client_id))
         self._client = segment
         self._client_losses = []
 
@@ -226,33 +278,42 @@ class RoundSync(Callback):
             self._close_round(trainer, pl_module)
 
     def _finish_client(self, pl_module: pl.LightningModule) -> None:
-        assert self.server is not None and self._client is not None
+        assert self._ticket is not None and self._client is not None
         metrics = {"train_loss": sum(self._client_losses) / len(self._client_losses)} if self._client_losses else {}
         self._losses.extend(self._client_losses)
         update = ClientUpdate(
             client_id=self._client.client_id,
-            round=self.server.record.round,
+            round=self._ticket.round,
             num_examples=self._client.num_examples,
             state=trainable_state(pl_module),
             metrics=metrics,
         )
-        self.server.submit(update)
+        self.launcher.submit(update)
         self._client = None
 
     def _close_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.server is not None and self.server.record is not None
-        load_trainable_state(pl_module, self.server.close_round())
+        assert self._ticket is not None
+        state, record = self.launcher.end_round(self._ticket.round)
+        load_trainable_state(pl_module, state)
         self._round_open = False
-        record = self.server.record
-        row: dict[str, Any] = {
-            "round": record.round,
-            "clients": len(record.received),
-            "missing": len(record.missing),
-            "train_loss": sum(self._losses) / len(self._losses) if self._losses else float("nan"),
-            "bytes_up": record.bytes_up,
-            "bytes_down": record.bytes_down,
-            "train_time_s": time.perf_counter() - self._t_open,
-        }
+        local_loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
+        if record is None:  # a client rank: the server keeps the books
+            row: dict[str, Any] = {"round": self._ticket.round, "clients": len(self._ticket.client_ids)}
+            row |= {"train_loss": local_loss, "bytes_up": 0, "bytes_down": 0}
+        else:
+            losses = list(record.client_losses.values())
+            row = {
+                "round": record.round,
+                "clients": len(record.received),
+                "missing": len(record.missing),
+                "train_loss": sum(losses) / len(losses) if losses else local_loss,
+                "bytes_up": record.bytes_up,
+                "bytes_down": record.bytes_down,
+            }
+            if record.missing or record.rejected or record.late:
+                row["missing_clients"] = " ".join(map(str, record.missing))
+                row["rejected_clients"] = " ".join(map(str, record.rejected))
+        row["train_time_s"] = time.perf_counter() - self._t_open
         self._pending = row
         pl_module.log("round", float(record.round), on_step=False, on_epoch=True)
         for key in ("train_loss", "bytes_up", "bytes_down", "train_time_s"):
@@ -283,7 +344,7 @@ class RoundSync(Callback):
     def _write_table(self, trainer: pl.Trainer) -> None:
         """Keep ``rounds.csv`` (one row per round) next to the logger's files."""
         # Only beside a logger's files: with logger=False, log_dir is the working directory.
-        if not trainer.loggers or trainer.log_dir is None or not trainer.is_global_zero:
+        if not trainer.loggers or trainer.log_dir is None or not self.launcher.is_server:
             return
         path = Path(trainer.log_dir) / "rounds.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
