@@ -34,6 +34,12 @@ class FedPEFTCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        # `trainer.enable_progress_bar: false` means no bar, ours included (Lightning would refuse both).
+        if config.get("enable_progress_bar") is False:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, FederatedProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_classes(self) -> None:
         # Bad settings raise ValueError while the data module and model are built, before any training:
         # print the message (it names the setting and the fix) instead of a traceback.

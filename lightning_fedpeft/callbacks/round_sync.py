@@ -196,6 +196,8 @@ class RoundSync(Callback):
             if not channel.is_server:
                 trainer.limit_val_batches = 0  # the server evaluates the global model; clients do not
                 trainer.num_sanity_val_steps = 0
+                if trainer.progress_bar_callback is not None:
+                    trainer.progress_bar_callback.disable()  # one bar (the server's) on a shared console
         if trainer.limit_train_batches not in (1.0, None):
             raise ValueError("RoundSync needs every batch of a round: leave trainer.limit_train_batches at 1.0")
         if not pl_module.automatic_optimization:
@@ -315,7 +317,7 @@ class RoundSync(Callback):
                 row["rejected_clients"] = " ".join(map(str, record.rejected))
         row["train_time_s"] = time.perf_counter() - self._t_open
         self._pending = row
-        pl_module.log("round", float(record.round), on_step=False, on_epoch=True)
+        pl_module.log("round", float(row["round"]), on_step=False, on_epoch=True)
         for key in ("train_loss", "bytes_up", "bytes_down", "train_time_s"):
             pl_module.log(f"round_{key}", float(row[key]), on_step=False, on_epoch=True)
 

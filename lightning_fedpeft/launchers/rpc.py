@@ -58,6 +58,7 @@ class _RoundState:
     opened_at: float
     instructions: dict[int, dict]
     closed_state: TrainableState | None = None
+    fetched: set[int] | None = None  # ranks that collected the closed round's global state
 
 
 class ServerEndpoint:
@@ -177,7 +178,24 @@ class ServerEndpoint:
             if state is None or state.closed_state is None:
                 return None
             self.rpc_bytes["down"] += state_nbytes(state.closed_state)
+            state.fetched = (state.fetched or set()) | {rank}
+            self.cond.notify_all()
             return state.closed_state
+
+    def wait_for_clients_to_finish(self, timeout_s: float) -> None:
+        """Before the server goes away: let every live rank collect the last round's global state."""
+        with self.cond:
+            closed = [r for r in self.rounds.values() if r.closed_state is not None]
+            if not closed:
+                return
+            last = max(closed, key=lambda r: r.round)
+            end = time.monotonic() + timeout_s
+            while time.monotonic() < end:
+                waiting = set(range(1, self.world_size)) - (last.fetched or set()) - self.silent_ranks()
+                if not waiting:
+                    return
+                self.cond.wait(timeout=0.5)
+            log.warning("ranks %s did not collect the final global state", sorted(waiting))
 
 
 # Module-level functions: RPC ships a function by its qualified name and runs it on rank 0.
@@ -341,14 +359,11 @@ class RPCLauncher(RoundChannel):
         self._stop.set()
         if not self._started:
             return
-        if self.rank == 0 and self.endpoint is not None and self.endpoint.silent_ranks():
-            # A graceful shutdown waits for every rank; a dead one would hang it.
-            rpc.shutdown(graceful=False)
-        else:
-            try:
-                rpc.shutdown(graceful=True, timeout=max(30.0, self.liveness_timeout_s))
-            except Exception as err:  # a peer vanished at the very end; nothing is lost by then
-                log.warning("RPC shutdown was not graceful: %s", err)
-                rpc.shutdown(graceful=False)
+        if self.rank == 0 and self.endpoint is not None:
+            self.endpoint.wait_for_clients_to_finish(self.wait_timeout_s)
+        # Not graceful: a graceful shutdown is a barrier over every rank, which a dead rank would hang.
+        # Nothing is in flight by now: clients only ever call the server, and the server has waited for
+        # every live client to collect the final state.
+        rpc.shutdown(graceful=False)
         self._started = False
         _ENDPOINT = None
