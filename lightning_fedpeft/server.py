@@ -30,6 +30,8 @@ class RoundRecord:
     rejected: dict[int, str] = field(default_factory=dict)
     late: list[int] = field(default_factory=list)
     client_losses: dict[int, float] = field(default_factory=dict)
+    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    extras: dict[str, float] = field(default_factory=dict)  # what a launcher or algorithm adds to the log
     bytes_down: int = 0
     bytes_up: int = 0
 
@@ -90,6 +92,7 @@ class FederatedServer:
             return False
         assert self.record is not None
         self.record.received.append(update.client_id)
+        self.record.client_metrics[update.client_id] = dict(update.metrics)
         if "train_loss" in update.metrics:
             self.record.client_losses[update.client_id] = float(update.metrics["train_loss"])
         self.record.bytes_up += state_nbytes(update.state)

@@ -312,6 +312,7 @@ class RoundSync(Callback):
                 "bytes_up": record.bytes_up,
                 "bytes_down": record.bytes_down,
             }
+            row |= record.extras
             if record.missing or record.rejected or record.late:
                 row["missing_clients"] = " ".join(map(str, record.missing))
                 row["rejected_clients"] = " ".join(map(str, record.rejected))

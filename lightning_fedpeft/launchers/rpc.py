@@ -81,6 +81,7 @@ class ServerEndpoint:
         self.rounds: dict[int, _RoundState] = {}
         self.last_seen: dict[int, float] = {r: time.monotonic() for r in range(world_size)}
         self.rpc_bytes = {"up": 0, "down": 0}
+        self._logged_bytes = {"up": 0, "down": 0}
 
     # -- liveness ------------------------------------------------------------------------------------
     def _touch(self, rank: int) -> None:
@@ -168,8 +169,15 @@ class ServerEndpoint:
             new_state = self.server.close_round()
             state.closed_state = new_state
             self.cond.notify_all()
-            assert self.server.record is not None
-            return new_state, self.server.record
+            record = self.server.record
+            assert record is not None
+            # What actually crossed the wire (client ranks only; rank 0's own clients use no RPC) since the
+            # last close, and the seconds client ranks spent in transfers that carried data.
+            record.extras["rpc_bytes_up"] = self.rpc_bytes["up"] - self._logged_bytes["up"]
+            record.extras["rpc_bytes_down"] = self.rpc_bytes["down"] - self._logged_bytes["down"]
+            record.extras["rpc_s"] = sum(m.get("rpc_s", 0.0) for m in record.client_metrics.values())
+            self._logged_bytes = dict(self.rpc_bytes)
+            return new_state, record
 
     def fetch_global(self, rank: int, round_idx: int) -> TrainableState | None:
         with self.cond:
@@ -313,10 +321,10 @@ class RPCLauncher(RoundChannel):
 
     def _call(self, fn, *args):  # noqa: ANN001, ANN202
         start = time.perf_counter()
-        try:
-            return rpc.rpc_sync(_worker_name(0), fn, args=(self.rank, *args), timeout=self.wait_timeout_s)
-        finally:
+        result = rpc.rpc_sync(_worker_name(0), fn, args=(self.rank, *args), timeout=self.wait_timeout_s)
+        if result is not None:  # a call that carried data (not an empty poll)
             self.rpc_seconds += time.perf_counter() - start
+        return result
 
     def _poll(self, fn, round_idx: int, what: str):  # noqa: ANN001, ANN202
         start = time.monotonic()
@@ -345,6 +353,8 @@ class RPCLauncher(RoundChannel):
         if self.rank == 0:
             assert self.endpoint is not None
             return self.endpoint.submit(0, update)
+        update.metrics["rpc_s"] = self.rpc_seconds  # transfer seconds since the previous update
+        self.rpc_seconds = 0.0
         return bool(self._call(_remote_submit, update))
 
     def end_round(self, round_idx: int) -> tuple[TrainableState, RoundRecord | None]:
