@@ -45,10 +45,10 @@ class FedPEFTCLI(LightningCLI):
         # print the message (it names the setting and the fix) instead of a traceback.
         try:
             super().instantiate_classes()
+            sync = _round_sync(self.trainer)
             clients = getattr(self.datamodule, "num_clients", None)
-            for callback in self.trainer.callbacks:
-                if isinstance(callback, RoundSync) and clients is not None:
-                    callback.check_num_clients(clients)
+            if sync is not None and clients is not None:
+                sync.check_num_clients(clients)
         except ValueError as err:
             print(f"fedpeft: error: {err}", file=sys.stderr)
             sys.exit(2)
@@ -56,20 +56,22 @@ class FedPEFTCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer = self.trainer
         results: list[dict[str, float]] = []
-        sync = next((cb for cb in trainer.callbacks if isinstance(cb, RoundSync)), None)
-        is_server = sync is None or sync.launcher.is_server  # with several ranks only the server tests
-        if self.config_init[self.subcommand].get("test_after_fit", True) and not trainer.interrupted and is_server:
+        sync = _round_sync(trainer)
+        if sync is not None and not sync.launcher.is_server:
+            return  # with several ranks only the server tests and reports
+        if self.config_init[self.subcommand].get("test_after_fit", True) and not trainer.interrupted:
             results = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-        sync = next((cb for cb in trainer.callbacks if isinstance(cb, RoundSync)), None)
-        if sync is None or sync.launcher.is_server:
-            _print_summary(trainer, results[0] if results else {})
+        _print_summary(trainer, sync, results[0] if results else {})
 
 
-def _print_summary(trainer: Any, test: dict[str, float]) -> None:
+def _round_sync(trainer: Any) -> RoundSync | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, RoundSync)), None)
+
+
+def _print_summary(trainer: Any, sync: RoundSync | None, test: dict[str, float]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    sync = next((cb for cb in trainer.callbacks if isinstance(cb, RoundSync)), None)
     console = Console()
     if sync is not None and sync.history:
         table = Table(title="Federated rounds")

@@ -108,8 +108,8 @@ class MaskedMeanPooler(nn.Module):
     """Replaces a BERT-style ``pooler``: the average of the non-padding token states.
 
     Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained with mean pooling; their
-    ``[CLS]`` state and pre-trained pooler are almost constant across inputs (per-feature std ~1e-4 on
-    20 Newsgroups), so a classifier on top of them barely learns. The attention mask is handed over by a
+    ``[CLS]`` state and pre-trained pooler are almost constant across inputs, so a classifier on top of
+    them barely learns. The attention mask is handed over by a
     forward pre-hook on the encoder, because the pooler itself is only called with the hidden states.
     """
 

@@ -29,7 +29,6 @@ class RoundRecord:
     received: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     late: list[int] = field(default_factory=list)
-    client_losses: dict[int, float] = field(default_factory=dict)
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     extras: dict[str, float] = field(default_factory=dict)  # what a launcher or algorithm adds to the log
     bytes_down: int = 0
@@ -61,6 +60,9 @@ class FederatedServer:
             raise RuntimeError("FederatedServer.initialize must be called before the first round")
         self.plan = self.strategy.configure_round(round_idx, self.num_clients)
         self.record = RoundRecord(round=round_idx, participants=list(self.plan.client_ids))
+        # Every participant starts from the global state: counted once per client, as each would fetch it
+        # in a real federation (ranks that host several simulated clients fetch it once on the wire).
+        self.record.bytes_down = len(self.plan.client_ids) * state_nbytes(self.global_state)
         self._updates = []
         return self.plan
 
@@ -71,12 +73,6 @@ class FederatedServer:
     def outstanding(self) -> list[int]:
         """Participants of the open round that have neither an accepted nor a rejected update yet."""
         return [] if self.record is None or self.plan is None else self.record.missing
-
-    def download(self, client_id: int) -> TrainableState:
-        """The global state a participant starts from; counted as bytes sent down."""
-        assert self.record is not None, "no open round"
-        self.record.bytes_down += state_nbytes(self.global_state)
-        return self.global_state
 
     def submit(self, update: ClientUpdate) -> bool:
         """Accept a client's update if it is valid for the open round; return whether it was accepted."""
@@ -93,8 +89,6 @@ class FederatedServer:
         assert self.record is not None
         self.record.received.append(update.client_id)
         self.record.client_metrics[update.client_id] = dict(update.metrics)
-        if "train_loss" in update.metrics:
-            self.record.client_losses[update.client_id] = float(update.metrics["train_loss"])
         self.record.bytes_up += state_nbytes(update.state)
         self._updates.append(update)
         return True

@@ -74,18 +74,21 @@ def _reference_fedavg() -> nn.Sequential:
     return global_net
 
 
+def _sync() -> RoundSync:
+    return RoundSync(clients_per_round=PER_ROUND, num_clients=NUM_CLIENTS, local_steps=STEPS, seed=SEED)
+
+
+def _trainer(rounds: int, sync: RoundSync, **kwargs: object) -> pl.Trainer:
+    """A quiet Trainer for ``rounds`` rounds with ``sync``; ``kwargs`` override the defaults."""
+    args = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    return pl.Trainer(max_epochs=rounds, callbacks=[sync], enable_model_summary=False, **(args | kwargs))
+
+
 def test_round_sync_federates_a_plain_user_module_exactly_like_hand_written_fedavg() -> None:
     module = UserModule()
     frozen_before = module.net[0].weight.detach().clone()
-    sync = RoundSync(clients_per_round=PER_ROUND, num_clients=NUM_CLIENTS, local_steps=STEPS, seed=SEED)
-    trainer = pl.Trainer(
-        max_epochs=ROUNDS,
-        callbacks=[sync],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    sync = _sync()
+    trainer = _trainer(ROUNDS, sync)
     trainer.fit(module, datamodule=UserData())
 
     reference = _reference_fedavg()
@@ -116,25 +119,17 @@ def test_round_sync_refuses_loaders_passed_straight_to_fit() -> None:
 
 
 def test_round_history_rides_in_the_checkpoint_and_a_resumed_run_continues(tmp_path) -> None:
-    def trainer(rounds: int, sync: RoundSync) -> pl.Trainer:
-        return pl.Trainer(
-            max_epochs=rounds,
-            callbacks=[sync],
-            logger=False,
-            default_root_dir=tmp_path,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-
-    first = RoundSync(clients_per_round=PER_ROUND, num_clients=NUM_CLIENTS, local_steps=STEPS, seed=SEED)
-    t1 = trainer(2, first)
+    first = _sync()
+    t1 = _trainer(2, first, default_root_dir=tmp_path, enable_checkpointing=True)
     t1.fit(UserModule(), datamodule=UserData())
     ckpt = tmp_path / "two_rounds.ckpt"
     t1.save_checkpoint(ckpt)
 
-    resumed = RoundSync(clients_per_round=PER_ROUND, num_clients=NUM_CLIENTS, local_steps=STEPS, seed=SEED)
+    resumed = _sync()
     module = UserModule()
-    trainer(ROUNDS, resumed).fit(module, datamodule=UserData(), ckpt_path=ckpt)
+    _trainer(ROUNDS, resumed, default_root_dir=tmp_path, enable_checkpointing=True).fit(
+        module, datamodule=UserData(), ckpt_path=ckpt
+    )
     assert [row["round"] for row in resumed.history] == [0, 1, 2]
     # Resuming from round 2 lands on the same global model as the uninterrupted run.
     reference = _reference_fedavg()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.pytorch.callbacks import RichProgressBar
 
 
@@ -11,7 +13,7 @@ class FederatedProgressBar(RichProgressBar):
     The latest ``val_acc`` and ``val_f1`` of the global model appear beside it (logged with ``prog_bar=True``).
     """
 
-    def get_metrics(self, trainer, pl_module):  # noqa: ANN001, ANN201 (Lightning's signature)
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)  # the logger version is noise next to the round
         return metrics

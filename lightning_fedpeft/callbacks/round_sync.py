@@ -303,7 +303,7 @@ class RoundSync(Callback):
             row: dict[str, Any] = {"round": self._ticket.round, "clients": len(self._ticket.client_ids)}
             row |= {"train_loss": local_loss, "bytes_up": 0, "bytes_down": 0}
         else:
-            losses = list(record.client_losses.values())
+            losses = [m["train_loss"] for m in record.client_metrics.values() if "train_loss" in m]
             row = {
                 "round": record.round,
                 "clients": len(record.received),

@@ -23,7 +23,6 @@ class RoundTicket:
     round: int
     client_ids: list[int]
     global_state: TrainableState
-    all_client_ids: list[int] = field(default_factory=list)
     instructions: dict[int, dict] = field(default_factory=dict)
 
 

@@ -21,11 +21,7 @@ class EmbeddedLauncher(RoundChannel):
     def begin_round(self, round_idx: int) -> RoundTicket:
         assert self.server is not None, "start() first"
         plan = self.server.open_round(round_idx)
-        for cid in plan.client_ids:
-            self.server.download(cid)  # counted per client: each would fetch the state in a real federation
-        return RoundTicket(
-            round_idx, list(plan.client_ids), self.server.global_state, list(plan.client_ids), plan.instructions
-        )
+        return RoundTicket(round_idx, list(plan.client_ids), self.server.global_state, plan.instructions)
 
     def submit(self, update: ClientUpdate) -> bool:
         assert self.server is not None

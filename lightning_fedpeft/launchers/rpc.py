@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed.rpc as rpc
 
@@ -58,7 +58,7 @@ class _RoundState:
     opened_at: float
     instructions: dict[int, dict]
     closed_state: TrainableState | None = None
-    fetched: set[int] | None = None  # ranks that collected the closed round's global state
+    fetched: set[int] = field(default_factory=set)  # ranks that collected the closed round's global state
 
 
 class ServerEndpoint:
@@ -106,8 +106,6 @@ class ServerEndpoint:
             else:
                 ranks = [r for r in range(self.world_size) if r not in self.silent_ranks()]
                 assignment = {cid: ranks[i % len(ranks)] for i, cid in enumerate(plan.client_ids)}
-            for cid in plan.client_ids:
-                self.server.download(cid)
             self.rounds[round_idx] = _RoundState(round_idx, assignment, time.monotonic(), dict(plan.instructions))
             self.rounds.pop(round_idx - 2, None)  # keep memory bounded; late callers of old rounds get None
             self.cond.notify_all()
@@ -126,7 +124,6 @@ class ServerEndpoint:
                 round_idx,
                 mine,
                 self.server.global_state,
-                sorted(state.assignment),
                 {cid: state.instructions.get(cid, {}) for cid in mine},
             )
 
@@ -186,7 +183,7 @@ class ServerEndpoint:
             if state is None or state.closed_state is None:
                 return None
             self.rpc_bytes["down"] += state_nbytes(state.closed_state)
-            state.fetched = (state.fetched or set()) | {rank}
+            state.fetched.add(rank)
             self.cond.notify_all()
             return state.closed_state
 
@@ -199,7 +196,7 @@ class ServerEndpoint:
             last = max(closed, key=lambda r: r.round)
             end = time.monotonic() + timeout_s
             while time.monotonic() < end:
-                waiting = set(range(1, self.world_size)) - (last.fetched or set()) - self.silent_ranks()
+                waiting = set(range(1, self.world_size)) - last.fetched - self.silent_ranks()
                 if not waiting:
                     return
                 self.cond.wait(timeout=0.5)
@@ -286,11 +283,6 @@ class RPCLauncher(RoundChannel):
     # -- connection ----------------------------------------------------------------------------------
     def start(self, strategy: Strategy, num_clients: int, initial_state: TrainableState) -> None:
         global _ENDPOINT
-        if self.mode == "real" and num_clients != self.world_size:
-            raise ValueError(
-                f"federation.mode='real' makes each rank one client, but there are {num_clients} clients for "
-                f"{self.world_size} ranks; give the data module num_clients={self.world_size}"
-            )
         if self.rank == 0:
             server = FederatedServer(strategy, num_clients)
             server.initialize(initial_state)
