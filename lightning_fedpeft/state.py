@@ -55,3 +55,31 @@ def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
 def state_numel(state: Mapping[str, torch.Tensor]) -> int:
     """Number of scalar values in ``state``."""
     return sum(t.numel() for t in state.values())
+
+
+COMPRESSIONS: tuple[str, ...] = ("none", "int8")
+
+
+def compress(state: Mapping[str, torch.Tensor], compression: str) -> tuple[TrainableState, int]:
+    """What the receiver gets after ``state`` crosses the wire, and how many bytes crossed it.
+
+    ``int8``: each float tensor is quantized symmetrically to int8 with one float32 scale
+    (``scale = max|x| / 127``) and dequantized on arrival, so the values carry the quantization error and
+    the wire carries one byte per value plus four per tensor. ``none``: unchanged, full size.
+    """
+    if compression == "none":
+        return dict(state), state_nbytes(state)
+    if compression != "int8":
+        raise ValueError(f"compression={compression!r} is unknown; allowed: {', '.join(COMPRESSIONS)}")
+    out: TrainableState = {}
+    nbytes = 0
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            out[name] = tensor
+            nbytes += tensor.numel() * tensor.element_size()
+            continue
+        scale = tensor.abs().max().clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+        q = torch.clamp(torch.round(tensor / scale), -127, 127).to(torch.int8)
+        out[name] = (q.to(tensor.dtype) * scale).to(tensor.dtype)
+        nbytes += q.numel() + 4
+    return out, nbytes

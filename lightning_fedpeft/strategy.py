@@ -67,6 +67,10 @@ class Strategy:
         """Combine client updates into the next global state."""
         raise NotImplementedError
 
+    def round_extras(self) -> dict[str, float]:
+        """Values to log with the round just aggregated (the server adds them to the round's record)."""
+        return {}
+
 
 class FedAvg(Strategy):
     """Sample-weighted federated averaging (McMahan et al., 2017) over the trainable state only.

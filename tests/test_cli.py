@@ -82,3 +82,42 @@ def test_cli_help_lists_the_settings(tmp_path: Path) -> None:
         "--federation.eval_every",
     ):
         assert setting in proc.stdout, setting
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--model.num_hidden_layers=2",
+    "--data.corpus=stackoverflow",
+    "--data.num_clients=12",
+    "--data.max_train_examples=240",
+    "--data.max_val_examples=48",
+    "--data.max_test_examples=48",
+    "--data.max_length=32",
+]
+
+
+def test_fedadapter_config_runs_trial_windows_through_the_cli(tmp_path: Path, cache_dir: str) -> None:
+    config = REPO / "configs" / "fedadapter" / "fedadapter.yaml"
+    args = [*TINY, f"--data.cache_dir={cache_dir}", "--trainer.max_epochs=3", "--federation.eval_every=3"]
+    args += [f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.enable_checkpointing=false"]
+    args += ["--trainer.callbacks.init_args.clients_per_group=2", "--trainer.callbacks.init_args.window_rounds=1"]
+    proc = _fedpeft("fit", "--config", str(config), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rounds_csv,) = (tmp_path / "runs").rglob("rounds.csv")
+    with open(rounds_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and all(float(r["sim_time_h"]) > 0 for r in rows)
+    assert {r["trial_depth"] for r in rows} == {"0.0", "1.0"}  # the shallow and the deeper group both trained
+    (decisions_csv,) = (tmp_path / "runs").rglob("decisions.csv")
+    with open(decisions_csv) as fh:
+        (decision,) = list(csv.DictReader(fh))
+    assert decision["winner"] in ("shallow", "deeper")
+
+
+def test_every_baseline_config_parses(tmp_path: Path) -> None:
+    configs = sorted((REPO / "configs" / "fedadapter").glob("*.yaml"))
+    assert len(configs) == 6
+    for config in configs:
+        proc = _fedpeft("fit", "--config", str(config), "--print_config", cwd=tmp_path)
+        assert proc.returncode == 0, (config.name, proc.stderr[-2000:])
+        assert "cost_model" in proc.stdout

@@ -25,10 +25,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from lightning_fedpeft.cost import CostModel, round_seconds
 from lightning_fedpeft.launchers import EmbeddedLauncher, RoundChannel, RoundTicket
 from lightning_fedpeft.launchers.rpc import MODES, RPCLauncher, distributed_env
 from lightning_fedpeft.rounds import ClientSegment, RoundBatchSampler, client_seed
-from lightning_fedpeft.state import load_trainable_state, trainable_state
+from lightning_fedpeft.state import COMPRESSIONS, compress, load_trainable_state, trainable_state
 from lightning_fedpeft.strategy import ClientUpdate, FedAvg, Strategy
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,11 @@ class RoundSync(Callback):
             or ``real`` (each rank is one client with its own data). Ignored in one process.
         round_deadline_s / liveness_timeout_s / wait_timeout_s: fault handling of the multi-process
             runtime (see :class:`~lightning_fedpeft.launchers.rpc.RPCLauncher`).
+        cost_model: if set, every round also logs its simulated duration on edge devices
+            (``sim_round_s``: the slowest participant's compute + download + upload) and the cumulative
+            ``sim_time_h`` (see :mod:`lightning_fedpeft.cost`). Needs a Hugging Face model at ``pl_module.model``.
+        compression: ``none`` or ``int8`` (both directions quantized to int8 per tensor; the values carry
+            the quantization error and the simulated transfer time uses the int8 size).
         launcher: where the server lives and which clients this process hosts. Default: torch.distributed
             RPC when ``WORLD_SIZE`` > 1 is set (torchrun), else this process hosts the server and all clients.
     """
@@ -68,6 +74,8 @@ class RoundSync(Callback):
         liveness_timeout_s: float = 60.0,
         wait_timeout_s: float = 1800.0,
         launcher: RoundChannel | None = None,
+        cost_model: CostModel | None = None,
+        compression: str = "none",
     ) -> None:
         super().__init__()
         for name, value in (
@@ -105,6 +113,10 @@ class RoundSync(Callback):
                 )
             else:
                 launcher = EmbeddedLauncher()
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"federation.compression={compression!r} is unknown; allowed: {', '.join(COMPRESSIONS)}")
+        self.cost_model = cost_model
+        self.compression = compression
         self.mode = mode
         self.launcher: RoundChannel = launcher
         self.history: list[dict[str, Any]] = []
@@ -122,6 +134,9 @@ class RoundSync(Callback):
         self._client_losses: list[float] = []
         self._t_open = 0.0
         self._pending: dict[str, Any] | None = None
+        self._client_sim_s = 0.0
+        self._down_bytes = 0
+        self.sim_time_s = 0.0  # the simulated clock (with a cost model)
 
     # -- set-up: find the data, validate, take over the training loader --------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -259,12 +274,19 @@ class RoundSync(Callback):
         if segment is None:
             return
         assert self._ticket is not None
-        load_trainable_state(pl_module, self._ticket.global_state)
+        received, self._down_bytes = compress(self._ticket.global_state, self.compression)
+        _load_state(pl_module, received)
         trainer.strategy.setup_optimizers(trainer)  # fresh optimizer (and schedulers) for every client
         # Dropout etc. depend only on (seed, round, client), wherever the client is trained.
         torch.manual_seed(client_seed(self.seed, self._ticket.round, segment.client_id))
         self._client = segment
         self._client_losses = []
+        self._client_sim_s = 0.0
+
+    @property
+    def current_client_id(self) -> int | None:
+        """The client being trained in this process right now (``None`` between clients)."""
+        return None if self._client is None else self._client.client_id
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -272,6 +294,11 @@ class RoundSync(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._client_losses.append(float(loss.detach()))
+        if self.cost_model is not None and self._client is not None:
+            model = getattr(pl_module, "model", pl_module)
+            self._client_sim_s += self.cost_model.batch_seconds(
+                model, batch, getattr(pl_module, "activation_cache", None)
+            )
         segment = self._ends.get(batch_idx)
         if segment is None:
             return
@@ -283,11 +310,17 @@ class RoundSync(Callback):
         assert self._ticket is not None and self._client is not None
         metrics = {"train_loss": sum(self._client_losses) / len(self._client_losses)} if self._client_losses else {}
         self._losses.extend(self._client_losses)
+        state, up_bytes = compress(trainable_state(pl_module), self.compression)
+        if self.compression != "none":
+            metrics |= {"wire_bytes_down": float(self._down_bytes), "wire_bytes_up": float(up_bytes)}
+        if self.cost_model is not None:
+            comm = self.cost_model.comm_seconds(self._down_bytes) + self.cost_model.comm_seconds(up_bytes)
+            metrics |= {"sim_compute_s": self._client_sim_s, "sim_round_s": self._client_sim_s + comm}
         update = ClientUpdate(
             client_id=self._client.client_id,
             round=self._ticket.round,
             num_examples=self._client.num_examples,
-            state=trainable_state(pl_module),
+            state=state,
             metrics=metrics,
         )
         self.launcher.submit(update)
@@ -296,7 +329,7 @@ class RoundSync(Callback):
     def _close_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._ticket is not None
         state, record = self.launcher.end_round(self._ticket.round)
-        load_trainable_state(pl_module, state)
+        _load_state(pl_module, state)
         self._round_open = False
         local_loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
         if record is None:  # a client rank: the server keeps the books
@@ -312,6 +345,15 @@ class RoundSync(Callback):
                 "bytes_up": record.bytes_up,
                 "bytes_down": record.bytes_down,
             }
+            clients = list(record.client_metrics.values())
+            if self.compression != "none":
+                for key in ("wire_bytes_down", "wire_bytes_up"):
+                    row[key] = int(sum(m.get(key, 0.0) for m in clients))
+            if self.cost_model is not None:
+                row["sim_round_s"] = round_seconds(clients)
+                # A strategy that runs trials side by side keeps its own clock (extras["sim_time_s"]).
+                self.sim_time_s = float(record.extras.get("sim_time_s", self.sim_time_s + row["sim_round_s"]))
+                row["sim_time_h"] = self.sim_time_s / 3600.0
             row |= record.extras
             if record.missing or record.rejected or record.late:
                 row["missing_clients"] = " ".join(map(str, record.missing))
@@ -321,6 +363,8 @@ class RoundSync(Callback):
         pl_module.log("round", float(row["round"]), on_step=False, on_epoch=True)
         for key in ("train_loss", "bytes_up", "bytes_down", "train_time_s"):
             pl_module.log(f"round_{key}", float(row[key]), on_step=False, on_epoch=True)
+        if "sim_time_h" in row:
+            pl_module.log("sim_time_h", float(row["sim_time_h"]), on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._round_open:  # the epoch stopped early (e.g. max_steps): still aggregate what was trained
@@ -365,3 +409,15 @@ class RoundSync(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        clock = [row["sim_time_h"] for row in self.history if "sim_time_h" in row]
+        self.sim_time_s = clock[-1] * 3600.0 if clock else 0.0
+
+
+def _load_state(pl_module: pl.LightningModule, state: dict[str, torch.Tensor]) -> None:
+    # A module that can change shape to fit the state (adapters of another depth/width) says so by
+    # defining set_trainable_state; any other module gets a strict, in-place load.
+    setter = getattr(pl_module, "set_trainable_state", None)
+    if callable(setter):
+        setter(state)
+    else:
+        load_trainable_state(pl_module, state)

@@ -1,9 +1,10 @@
-"""Injecting bottleneck adapters into a Hugging Face transformer."""
+"""Injecting bottleneck adapters into a Hugging Face transformer, and changing their depth and width."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -25,15 +26,79 @@ def find_transformer_layers(model: nn.Module) -> nn.ModuleList:
 
 @dataclass
 class AdapterInjection:
-    """Handle on the adapters put into a model: the adapters by layer index and their forward hooks."""
+    """Handle on the adapters put into a model: which layers have one, their width, and the hooks.
 
-    adapters: dict[int, BottleneckAdapter] = field(default_factory=dict)
-    handles: list[RemovableHandle] = field(default_factory=list)
+    The adapters always sit in the top ``depth`` layers and all have the same ``width``: that pair is the
+    configuration, and it fixes the names and shapes of the trainable state.
+    """
+
+    model: nn.Module
+    config: AdapterConfig
+    layers: nn.ModuleList
+    parents: dict[int, nn.Module] = field(default_factory=dict)
+    handles: dict[int, RemovableHandle] = field(default_factory=dict)
+
+    @property
+    def adapters(self) -> dict[int, BottleneckAdapter]:
+        """The adapters by transformer-layer index."""
+        return {idx: parent.adapter for idx, parent in self.parents.items()}
+
+    @property
+    def depth(self) -> int:
+        return len(self.parents)
+
+    @property
+    def width(self) -> int:
+        return self.config.width
+
+    def first_adapted_layer(self) -> int:
+        """Index of the lowest layer with an adapter (``len(layers)`` when there is none)."""
+        return len(self.layers) - self.depth
+
+    def resize(self, depth: int, width: int, generator: torch.Generator | None = None) -> None:
+        """Change the configuration in place, preserving the function when growing.
+
+        Wider: every adapter keeps its trained units and gains new ones with zero up-projection. Deeper:
+        layers below the current ones get fresh adapters (zero up-projection, so each is the identity).
+        Narrower or shallower (going back to a smaller trial configuration) drops units or adapters;
+        load the target configuration's state afterwards. New adapters are trainable, as are kept ones.
+        """
+        AdapterConfig(depth=depth, width=width, ffn_output=self.config.ffn_output).validate(len(self.layers))
+        n = len(self.layers)
+        for idx in sorted(self.parents):
+            if idx < n - depth:  # shallower: remove
+                self.handles.pop(idx).remove()
+                del self.parents.pop(idx).adapter
+        for parent in self.parents.values():
+            if parent.adapter.width != width:
+                parent.adapter = parent.adapter.resized(width, generator=generator)
+        for idx in range(n - depth, n):
+            if idx not in self.parents:
+                self._add(idx, width, generator)
+        self.config = AdapterConfig(depth=depth, width=width, ffn_output=self.config.ffn_output)
+
+    def _add(self, idx: int, width: int, generator: torch.Generator | None) -> None:
+        layer = self.layers[idx]
+        parent_path = self.config.ffn_output.rpartition(".")[0]
+        try:
+            target = layer.get_submodule(self.config.ffn_output)
+            parent = layer.get_submodule(parent_path) if parent_path else layer
+        except AttributeError as err:
+            raise ValueError(
+                f"adapter ffn_output={self.config.ffn_output!r} is not a submodule of transformer layer {idx}; "
+                f"set it to the path of the feed-forward output projection (BERT: 'output.dense')"
+            ) from err
+        ref = target.weight
+        adapter = BottleneckAdapter(self.model.config.hidden_size, width, generator=generator)
+        parent.add_module("adapter", adapter.to(device=ref.device, dtype=ref.dtype))
+        self.parents[idx] = parent
+        self.handles[idx] = target.register_forward_hook(_apply_adapter(parent))
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        """Take every adapter out of the model."""
+        for idx in list(self.parents):
+            self.handles.pop(idx).remove()
+            del self.parents.pop(idx).adapter
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig) -> AdapterInjection:
@@ -45,23 +110,9 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> AdapterInjection
     """
     layers = find_transformer_layers(model)
     config.validate(len(layers))
-    hidden = model.config.hidden_size
-    injection = AdapterInjection()
-    parent_path = config.ffn_output.rpartition(".")[0]
+    injection = AdapterInjection(model=model, config=config, layers=layers)
     for idx in range(len(layers) - config.depth, len(layers)):
-        layer = layers[idx]
-        try:
-            target = layer.get_submodule(config.ffn_output)
-            parent = layer.get_submodule(parent_path) if parent_path else layer
-        except AttributeError as err:
-            raise ValueError(
-                f"adapter ffn_output={config.ffn_output!r} is not a submodule of transformer layer {idx}; "
-                f"set it to the path of the feed-forward output projection (BERT: 'output.dense')"
-            ) from err
-        adapter = BottleneckAdapter(hidden, config.width)
-        parent.add_module("adapter", adapter)
-        injection.adapters[idx] = adapter
-        injection.handles.append(target.register_forward_hook(_apply_adapter(parent)))
+        injection._add(idx, config.width, None)
     return injection
 
 
@@ -71,3 +122,31 @@ def _apply_adapter(parent: nn.Module):
         return parent.adapter(output)
 
     return hook
+
+
+ADAPTER_KEY = ".adapter."
+
+
+def adapter_config_of_state(state: dict[str, torch.Tensor], num_layers: int) -> tuple[int, int]:
+    """Read ``(depth, width)`` off a trainable state's adapter tensor names and shapes.
+
+    Raises ``ValueError`` if the adapters are not the top layers or do not share one width.
+    """
+    layers: set[int] = set()
+    widths: set[int] = set()
+    for name, tensor in state.items():
+        if ADAPTER_KEY not in name:
+            continue
+        prefix = name.split(ADAPTER_KEY)[0]
+        idx = next((int(p) for p in reversed(prefix.split(".")) if p.isdigit()), None)
+        if idx is None:
+            raise ValueError(f"adapter tensor {name!r} names no layer index")
+        layers.add(idx)
+        if name.endswith("down.weight"):
+            widths.add(int(tensor.shape[0]))
+    depth = len(layers)
+    if layers != set(range(num_layers - depth, num_layers)):
+        raise ValueError(f"adapters sit in layers {sorted(layers)}, not the top {depth} of {num_layers}")
+    if len(widths) > 1:
+        raise ValueError(f"adapters have different widths {sorted(widths)}")
+    return depth, widths.pop() if widths else 0

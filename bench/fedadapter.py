@@ -1,0 +1,261 @@
+"""FedAdapter against its baselines: simulated hours on Jetson TX2 (1 MB/s) to reach a common accuracy.
+
+Every method trains all-MiniLM-L6-v2 on 20 Newsgroups (64 tokens) split over 100 clients with
+Dirichlet(alpha=1) label skew, 5 participants per round (FedAdapter: 5 per trial group), one local epoch,
+and logs after every evaluated round its validation accuracy and the simulated clock of the cost model
+(TX2 profile, 1 MB/s; see lightning_fedpeft/cost.py). Methods:
+
+* ``fedadapter``: ProgressiveUpgrade from depth 0 / width 8, three trial groups, activation cache;
+* ``full``: full fine-tuning FedAvg; ``full_int8``: the same with int8 transfer both ways;
+* ``freeze2``: layer freezing, the top 2 layers (and the head) train;
+* ``adapter_d2w16`` / ``adapter_d6w32``: fixed adapter configurations (with the activation cache).
+
+Each method runs a fixed number of rounds (``--rounds``; simulated time is what is compared, not rounds).
+The target is 0.99 x the best validation accuracy any method reaches; the table gives the simulated
+hours each method needed to reach it ("not reached" if it did not within its rounds), and the same for a
+lower target that every method reaches (0.99 x the lowest final accuracy). A second part times one
+client's local round with and without the activation cache at depth 1 and 2 (wall clock, this machine).
+
+    python bench/fedadapter.py --out bench/out/fedadapter     # about 30 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
+from lightning_fedpeft.cost import CostModel
+from lightning_fedpeft.fedadapter import ProgressiveUpgrade
+
+METHODS = {
+    # name: (module kwargs, RoundSync kwargs)
+    "fedadapter": ({"method": "adapter", "depth": 0, "width": 8, "lr": 5e-3, "activation_cache_mb": 4096}, {}),
+    "full": ({"method": "full", "lr": 5e-5}, {}),
+    "full_int8": ({"method": "full", "lr": 5e-5}, {"compression": "int8"}),
+    "freeze2": ({"method": "freeze", "depth": 2, "lr": 1e-4}, {}),
+    "adapter_d2w16": ({"method": "adapter", "depth": 2, "width": 16, "lr": 5e-3, "activation_cache_mb": 4096}, {}),
+    "adapter_d6w32": ({"method": "adapter", "depth": 6, "width": 32, "lr": 5e-3}, {}),
+}
+
+
+def data_module(args: argparse.Namespace) -> FederatedTextDataModule:
+    return FederatedTextDataModule(
+        corpus="20NG",
+        max_length=64,
+        num_clients=100,
+        partitioner="dirichlet",
+        alpha=1.0,
+        batch_size=16,
+        max_val_examples=args.val_examples,
+        seed=args.seed,
+    )
+
+
+def run_method(name: str, args: argparse.Namespace) -> dict:
+    module_kwargs, sync_kwargs = METHODS[name]
+    pl.seed_everything(args.seed, verbose=False)
+    data = data_module(args)
+    data.setup("fit")
+    model = FedPEFTModule(num_labels=data.num_labels, **module_kwargs)
+    cost = CostModel("tx2", bandwidth_mbps=args.bandwidth)
+    callbacks: list = []
+    rounds = args.rounds[name]
+    if name == "fedadapter":
+        sync = RoundSync(clients_per_round=5, seed=args.seed, cost_model=cost, eval_every=10**6, **sync_kwargs)
+        upgrade = ProgressiveUpgrade(
+            start_depth=0, start_width=8, clients_per_group=5, window_rounds=args.window_rounds
+        )
+        callbacks = [sync, upgrade]
+        limit_val = 0
+    else:
+        sync = RoundSync(
+            clients_per_round=5, seed=args.seed, cost_model=cost, eval_every=args.eval_every, **sync_kwargs
+        )
+        callbacks = [sync]
+        limit_val = 1.0
+    trainer = pl.Trainer(
+        max_epochs=rounds,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=limit_val,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    wall = time.perf_counter() - t0
+    if name == "fedadapter":
+        decisions = upgrade.decisions
+        curve = [(d.sim_time_h, d.val_acc) for d in decisions]
+        extra = {"decisions": [d.__dict__ for d in decisions]}
+    else:
+        curve = [(row["sim_time_h"], row["val_acc"]) for row in sync.history if "val_acc" in row]
+        extra = {}
+    last = sync.history[-1]
+    print(
+        f"[{name}] {len(sync.history)} rounds, {wall:.0f}s wall, sim {last['sim_time_h']:.3f} h, "
+        f"best val_acc {max(a for _, a in curve) if curve else float('nan'):.4f}",
+        flush=True,
+    )
+    return {"curve": curve, "rounds": len(sync.history), "wall_s": wall, "round_s": last["sim_round_s"], **extra}
+
+
+def hours_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    return next((h for h, acc in curve if acc >= target), None)
+
+
+def cache_ratio(args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    """Wall clock of one client's local round (its batches, forward + backward + step), cached vs not."""
+    data = data_module(args)
+    data.setup("fit")
+    sizes = sorted(range(len(data.client_indices)), key=lambda c: -len(data.client_indices[c]))
+    client = data.client_indices[sizes[len(sizes) // 2]]  # a median client
+    batches = [data.collate([data.datasets["train"][i] for i in client[s : s + 16]]) for s in range(0, len(client), 16)]
+    out = {}
+    for depth in (1, 2):
+        times = {}
+        for cached in (False, True):
+            torch.manual_seed(0)
+            model = FedPEFTModule(
+                num_labels=data.num_labels,
+                method="adapter",
+                depth=depth,
+                width=8,
+                activation_cache_mb=4096 if cached else None,
+            )
+            opt = model.configure_optimizers()
+
+            def client_round(model: FedPEFTModule = model, opt: torch.optim.Optimizer = opt) -> float:
+                t = time.perf_counter()
+                for batch in batches:
+                    loss = model.training_step(batch, 0)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                return time.perf_counter() - t
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.log = lambda *a, **k: None  # training_step logs; there is no Trainer here
+                first = client_round()  # warm-up (and, cached, the cache fill)
+                runs = [client_round() for _ in range(args.repeats)]
+            times["cached" if cached else "uncached"] = statistics.median(runs)
+            if cached:
+                times["first_round_cached"] = first
+        times["ratio"] = times["uncached"] / times["cached"]
+        out[depth] = times
+        print(f"[cache] depth {depth}: {times}", flush=True)
+    return out
+
+
+def plot(results: dict, target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, res in results.items():
+        if res["curve"]:
+            hours, accs = zip(*res["curve"], strict=True)
+            ax.plot(hours, accs, marker="o", markersize=3, label=name)
+    ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"target {target:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("simulated hours (Jetson TX2, 1 MB/s)")
+    ax.set_ylabel("validation accuracy (20 Newsgroups)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="bench/out/fedadapter")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bandwidth", type=float, default=1.0, help="MB/s")
+    parser.add_argument("--val-examples", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--window-rounds", type=float, default=4.0)
+    parser.add_argument("--repeats", type=int, default=3, help="cache timing: timed client rounds per setting")
+    parser.add_argument("--skip-cache", action="store_true")
+    parser.add_argument(
+        "--rounds",
+        type=json.loads,
+        default={
+            "fedadapter": 120,
+            "full": 16,
+            "full_int8": 16,
+            "freeze2": 16,
+            "adapter_d2w16": 40,
+            "adapter_d6w32": 24,
+        },
+        help="JSON: rounds per method",
+    )
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results = {name: run_method(name, args) for name in args.methods}
+    best = max(acc for r in results.values() for _, acc in r["curve"])
+    floor = min(max(acc for _, acc in r["curve"]) for r in results.values())
+    target, low_target = 0.99 * best, 0.99 * floor
+    rows = []
+    for name, r in results.items():
+        hours, low_hours = hours_to(r["curve"], target), hours_to(r["curve"], low_target)
+        rows.append((name, r["rounds"], max(a for _, a in r["curve"]), r["round_s"], hours, low_hours))
+    ref = {name: (h, lh) for name, *_, h, lh in rows}
+
+    def fmt(h: float | None) -> str:
+        return "not reached" if h is None else f"{h:.3f}"
+
+    def speedup(name: str, i: int) -> str:
+        mine = ref.get("fedadapter", (None, None))[i]
+        other = ref[name][i]
+        return "" if mine is None or other is None else f"{other / mine:.1f}x"
+
+    lines = [
+        f"target = 0.99 x best = {target:.4f}; low target = 0.99 x lowest best = {low_target:.4f}",
+        "",
+        "| method | rounds | best val acc | last round (sim s) | hours to target | FedAdapter speed-up "
+        "| hours to low target | FedAdapter speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, n, acc, round_s, h, lh in rows:
+        cells = [name, str(n), f"{acc:.4f}", f"{round_s:.2f}", fmt(h), speedup(name, 0), fmt(lh), speedup(name, 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    cache = {} if args.skip_cache else cache_ratio(args)
+    if cache:
+        print("\n| depth | uncached client round (s) | cached (s) | ratio | first cached round, with fill (s) |")
+        print("|---|---|---|---|---|")
+        for depth, t in cache.items():
+            cells = [
+                f"{t['uncached']:.3f}",
+                f"{t['cached']:.3f}",
+                f"{t['ratio']:.2f}x",
+                f"{t['first_round_cached']:.3f}",
+            ]
+            print(f"| {depth} | " + " | ".join(cells) + " |")
+    plot(results, target, out / "fedadapter_tta.png")
+    (out / "results.json").write_text(json.dumps({"results": results, "target": target, "cache": cache}, indent=1))
+    (out / "table.md").write_text(table + "\n")
+    print(f"wrote {out}/results.json, table.md, fedadapter_tta.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Activation cache: run the frozen bottom of the network once per example, then only the trainable top.
+
+When the embeddings and the lower transformer layers are frozen (adapters or unfrozen layers only in the
+top ``d`` layers), their output is a fixed function of the input once dropout is off. A client can
+compute it once for each of its examples and, in later rounds, run forward and backward through the top
+``d`` layers only. This is FedAdapter's activation cache; it is written here because no library offers it.
+
+The cache is keyed by (boundary layer, the example's token ids), so it needs no example indices from the
+data pipeline and entries stay valid across rounds and clients. Each example's hidden states are kept
+unpadded and re-padded per batch. Memory is bounded (``max_mb``): the least recently used entries are
+dropped first, which, because a client's examples are used together, drops the least recently active
+clients. Entries for a boundary above the current one become useless when the trained depth grows;
+:meth:`ActivationCache.invalidate_above` drops them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_fedpeft.tuners.adapter import find_transformer_layers
+
+
+class _Given(nn.Module):
+    """Stands in for the embeddings: returns hidden states computed elsewhere."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.hidden
+
+
+def _base_and_stack(model: nn.Module) -> tuple[nn.Module, nn.Module, str, nn.ModuleList]:
+    """The encoder model holding ``embeddings``, and the parent/attribute/list of the transformer layers."""
+    layers = find_transformer_layers(model)
+    base = next((m for m in model.modules() if hasattr(m, "embeddings") and hasattr(m, "encoder")), None)
+    if base is None:
+        raise ValueError(f"activation cache: {type(model).__name__} has no module with `embeddings` and `encoder`")
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if child is layers:
+                return base, parent, attr, layers
+    raise ValueError("activation cache: could not find the parent of the transformer layer stack")
+
+
+@contextlib.contextmanager
+def only_layers(model: nn.Module, start: int, stop: int, given: torch.Tensor | None = None) -> Iterator[None]:
+    """Within the block, the model runs transformer layers ``start:stop`` only.
+
+    With ``given``, the embeddings are replaced by those hidden states (the output of layer ``start - 1``).
+    """
+    base, parent, attr, layers = _base_and_stack(model)
+    embeddings = base.embeddings
+    try:
+        setattr(parent, attr, nn.ModuleList(list(layers)[start:stop]))
+        if given is not None:
+            base.embeddings = _Given(given)
+        yield
+    finally:
+        setattr(parent, attr, layers)
+        base.embeddings = embeddings
+
+
+def frozen_boundary(model: nn.Module) -> int:
+    """Index of the lowest transformer layer with a trainable parameter; 0 if the embeddings train.
+
+    Everything below it is frozen. Equals the number of layers when only the head trains.
+    """
+    base, _, _, layers = _base_and_stack(model)
+    if any(p.requires_grad for p in base.embeddings.parameters()):
+        return 0
+    for idx, layer in enumerate(layers):
+        if any(p.requires_grad for p in layer.parameters()):
+            return idx
+    return len(layers)
+
+
+class ActivationCache:
+    """Caches the frozen bottom's output per example; see the module docstring.
+
+    Args:
+        max_mb: memory bound of the cached hidden states, in MiB.
+    """
+
+    def __init__(self, max_mb: float = 2048.0) -> None:
+        if max_mb <= 0:
+            raise ValueError(f"activation cache max_mb={max_mb} must be positive")
+        self.max_bytes = int(max_mb * 2**20)
+        self._entries: OrderedDict[tuple[int, bytes], torch.Tensor] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.last: dict[str, int] = {}  # the last batch: boundary, rows, misses (read by the cost model)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+    def invalidate_above(self, boundary: int) -> int:
+        """Drop entries cached for a boundary above ``boundary`` (the trained depth grew); return how many."""
+        stale = [k for k in self._entries if k[0] > boundary]
+        for key in stale:
+            self.nbytes -= self._nbytes(self._entries.pop(key))
+        return len(stale)
+
+    @staticmethod
+    def _nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Any:
+        """Run ``model(**batch)``, taking the frozen bottom's output from the cache where possible."""
+        boundary = frozen_boundary(model)
+        input_ids = batch.get("input_ids")
+        if boundary == 0 or input_ids is None:
+            self.last = {"boundary": 0, "rows": 0, "misses": 0}
+            return model(**batch)
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        lengths = mask.sum(dim=1).tolist()
+        keys = [(boundary, input_ids[i, : int(n)].cpu().numpy().tobytes()) for i, n in enumerate(lengths)]
+        missing = [i for i, k in enumerate(keys) if k not in self._entries]
+        if missing:
+            self._fill(model, input_ids[missing], mask[missing], [keys[i] for i in missing], boundary)
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        self.last = {"boundary": boundary, "rows": len(keys), "misses": len(missing)}
+        rows = []
+        for key in keys:
+            self._entries.move_to_end(key)
+            rows.append(self._entries[key])
+        hidden = rows[0].new_zeros((len(rows), input_ids.shape[1], rows[0].shape[-1]))
+        for i, row in enumerate(rows):
+            hidden[i, : row.shape[0]] = row
+        _, _, _, layers = _base_and_stack(model)
+        with only_layers(model, boundary, len(layers), given=hidden):
+            out = model(**batch)
+        self._evict()
+        return out
+
+    def _fill(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keys: list, boundary: int) -> None:
+        # Dropout off: the cached bottom must be a deterministic function of the input.
+        base, _, _, _ = _base_and_stack(model)
+        was_training = base.training
+        base.eval()
+        try:
+            with torch.no_grad(), only_layers(model, 0, boundary):
+                hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        finally:
+            base.train(was_training)
+        for i, key in enumerate(keys):
+            row = hidden[i, : int(mask[i].sum())].clone()
+            self._entries[key] = row
+            self.nbytes += self._nbytes(row)
+
+    def _evict(self) -> None:
+        while self.nbytes > self.max_bytes and self._entries:
+            _, row = self._entries.popitem(last=False)
+            self.nbytes -= self._nbytes(row)
+            self.evictions += 1

@@ -1,0 +1,291 @@
+"""Simulated time on edge devices: compute from counted FLOPs, communication from real bytes.
+
+A federated round on real devices takes the slowest participant's local compute plus its download and
+upload. This module turns what a simulated client actually did into those seconds:
+
+* **Compute**: the FLOPs of one training step of the configuration being trained (forward through the
+  layers that run, backward through the trainable top), counted with ``torch.utils.flop_counter.
+  FlopCounterMode``, then ``overhead_s + flops / flops_per_s`` of the client's device profile. With the
+  activation cache, a step runs only the layers above the frozen boundary, and a cache miss adds the
+  frozen bottom's forward for that example. Counts are taken once per configuration at the first batch's
+  shape and scaled by the number of tokens of later batches (the attention term, quadratic in the
+  sequence length, is a few percent at these lengths and is scaled linearly too).
+* **Communication**: bytes each way divided by the bandwidth (``bandwidth_mbps`` in MB/s, 1 MB = 1e6 B).
+
+Device profiles are in ``resources/devices.yaml`` (or a file of your own, same format). The TX2 profile
+is fitted to the published TX2 table (see :func:`calibrate` and ``docs/results.md``).
+
+Written here rather than taken from a library: DeepSpeed's profiler and FlopCounterMode count FLOPs, but
+neither turns counts into device time or simulates rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_fedpeft.cache import frozen_boundary, only_layers
+from lightning_fedpeft.tuners.adapter import find_transformer_layers
+
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """How fast a device trains: ``overhead_s + flops / flops_per_s`` seconds per batch."""
+
+    name: str
+    flops_per_s: float
+    overhead_s: float = 0.0
+
+    def batch_seconds(self, flops: float) -> float:
+        return self.overhead_s + flops / self.flops_per_s
+
+
+def load_device_profiles(path: str | Path | None = None) -> dict[str, DeviceProfile]:
+    """Read device profiles from a YAML file (default: the packaged ``devices.yaml``).
+
+    Raises ``ValueError`` naming the profile and field when an entry is malformed.
+    """
+    if path is None:
+        text = resources.files("lightning_fedpeft").joinpath("resources/devices.yaml").read_text()
+        where = "devices.yaml"
+    else:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ValueError(f"cost_model.devices_file={str(path)!r} does not exist; give a YAML file of profiles")
+        text, where = p.read_text(), str(p)
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping of profile name -> settings")
+    out: dict[str, DeviceProfile] = {}
+
+    def resolve(name: str, seen: tuple[str, ...] = ()) -> DeviceProfile:
+        if name in out:
+            return out[name]
+        if name not in raw:
+            raise ValueError(f"{where}: profile {name!r} is not defined (known: {', '.join(sorted(raw))})")
+        if name in seen:
+            raise ValueError(f"{where}: profiles {' -> '.join(seen + (name,))} refer to each other in a loop")
+        entry = raw[name]
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: profile {name!r} must be a mapping")
+        if "like" in entry:
+            base = resolve(str(entry["like"]), seen + (name,))
+            slowdown = float(entry.get("slowdown", 1.0))
+            if not slowdown > 0:
+                raise ValueError(f"{where}: profile {name!r} slowdown={slowdown} must be positive")
+            profile = DeviceProfile(name, base.flops_per_s / slowdown, base.overhead_s * slowdown)
+        else:
+            try:
+                flops = float(entry["flops_per_s"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{where}: profile {name!r} needs flops_per_s (a positive number) or like:") from err
+            if not flops > 0:
+                raise ValueError(f"{where}: profile {name!r} flops_per_s={flops} must be positive")
+            profile = DeviceProfile(name, flops, float(entry.get("overhead_s", 0.0)))
+        out[name] = profile
+        return profile
+
+    for name in raw:
+        resolve(str(name))
+    return out
+
+
+class _InputRequiresGrad:
+    """Forward pre-hook: the layer's hidden-state input is cut from below and requires grad."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def __call__(self, _module: nn.Module, args: tuple) -> tuple:
+        # A non-leaf (x * 1): autograd.grad with a leaf input trips FlopCounterMode's module tracker.
+        hidden = args[0].detach().requires_grad_(True) * 1.0
+        self.inputs.append(hidden)
+        return (hidden, *args[1:])
+
+
+def count_train_flops(model: nn.Module, batch: Mapping[str, torch.Tensor], cached: bool = False) -> tuple[int, int]:
+    """FLOPs of one training step of ``model`` on ``batch`` as its parameters' ``requires_grad`` stand.
+
+    Returns ``(step_flops, bottom_flops_per_example)``. With ``cached``, the step runs only the layers
+    above the frozen boundary (the activation cache's path) and ``bottom_flops_per_example`` is the cost
+    of computing one example's cache entry; otherwise it is 0. Gradients are taken with
+    ``torch.autograd.grad`` and dropped, so the model's ``.grad`` and the RNG are left untouched.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    boundary = frozen_boundary(model) if cached else 0
+    ids = batch["input_ids"]
+    # Backward is counted through the whole trainable top, down to its input: the input of the lowest
+    # trainable layer is made to require grad. (Autograd would otherwise skip the input gradients of the
+    # lowest layer's attention and feed-forward when only its adapter trains; the published table counts
+    # that layer fully, and this rule makes the count independent of where in the layer the adapter sits.)
+    layers = find_transformer_layers(model)
+    lowest = frozen_boundary(model)
+    leaf = _InputRequiresGrad()
+    handle = layers[lowest].register_forward_pre_hook(leaf) if 0 < lowest < len(layers) else None
+    counter = FlopCounterMode(display=False)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        stack.enter_context(counter)
+        if handle is not None:
+            stack.callback(handle.remove)
+        if boundary > 0:
+            hidden_size = model.config.hidden_size
+            dtype = next(model.parameters()).dtype
+            given = torch.zeros(*ids.shape, hidden_size, device=ids.device, dtype=dtype)
+            with only_layers(model, boundary, 10**9, given=given):
+                loss = model(**batch).loss
+        else:
+            loss = model(**batch).loss
+        if params and loss.requires_grad:
+            torch.autograd.grad(loss, params + leaf.inputs, allow_unused=True)
+    step = counter.get_total_flops()
+    bottom = 0
+    if boundary > 0:
+        counter = FlopCounterMode(display=False)
+        base = next(m for m in model.modules() if hasattr(m, "embeddings") and hasattr(m, "encoder"))
+        with torch.no_grad(), counter, only_layers(model, 0, boundary):
+            base(input_ids=ids, attention_mask=batch.get("attention_mask"))
+        bottom = counter.get_total_flops() // max(1, ids.shape[0])
+    return step, bottom
+
+
+class CostModel:
+    """Simulated seconds of a client's round on an edge device.
+
+    Args:
+        device: a profile name from ``devices_file`` (packaged: ``tx2``, ``nano``, ``rpi4b``, ``orin_nano``).
+        bandwidth_mbps: network bandwidth each way, in MB/s.
+        devices_file: a YAML file of device profiles (see ``resources/devices.yaml`` for the format).
+    """
+
+    def __init__(self, device: str = "tx2", bandwidth_mbps: float = 1.0, devices_file: str | None = None) -> None:
+        profiles = load_device_profiles(devices_file)
+        if device not in profiles:
+            raise ValueError(f"cost_model.device={device!r} is unknown; known profiles: {', '.join(sorted(profiles))}")
+        if not (bandwidth_mbps > 0 and math.isfinite(bandwidth_mbps)):
+            raise ValueError(f"cost_model.bandwidth_mbps={bandwidth_mbps} must be a positive number of MB/s")
+        self.device = profiles[device]
+        self.bandwidth_mbps = float(bandwidth_mbps)
+        self._counts: dict[tuple, tuple[float, float, int]] = {}
+
+    def comm_seconds(self, nbytes: float) -> float:
+        return nbytes / (self.bandwidth_mbps * MB)
+
+    def step_flops(self, model: nn.Module, batch: Mapping[str, torch.Tensor], cached: bool) -> tuple[float, float]:
+        """``(step_flops, bottom_flops_per_example)`` for this batch (counted once per configuration)."""
+        ids = batch["input_ids"]
+        tokens = int(ids.numel())
+        key = (_signature(model), cached)
+        if key not in self._counts:
+            step, bottom = count_train_flops(model, batch, cached=cached)
+            self._counts[key] = (float(step), float(bottom), tokens)
+        step, bottom, ref_tokens = self._counts[key]
+        per_row_ref = ref_tokens  # bottom is per example at the reference length; scale by this row length
+        scale = tokens / ref_tokens
+        return step * scale, bottom * (ids.shape[1] * ids.shape[0] / per_row_ref)
+
+    def batch_seconds(self, model: nn.Module, batch: Mapping[str, torch.Tensor], cache: Any = None) -> float:
+        """Device seconds of one training step on ``batch`` (plus cache fills, if the cache missed)."""
+        last = getattr(cache, "last", None) or {}
+        cached = last.get("boundary", 0) > 0
+        step, bottom = self.step_flops(model, batch, cached)
+        rows = max(1, int(batch["input_ids"].shape[0]))
+        seconds = self.device.batch_seconds(step)
+        if cached and last.get("misses", 0):
+            seconds += bottom / rows * last["misses"] / self.device.flops_per_s
+        return seconds
+
+
+def _signature(model: nn.Module) -> str:
+    """What decides a step's FLOPs: which parameters train, and their shapes."""
+    h = hashlib.sha1()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(f"{name}:{tuple(p.shape)};".encode())
+    return h.hexdigest()
+
+
+def round_seconds(clients: Sequence[Mapping[str, float]]) -> float:
+    """A round lasts as long as its slowest participant (compute + download + upload)."""
+    return max((float(c.get("sim_round_s", 0.0)) for c in clients), default=0.0)
+
+
+# -- calibration against the published Jetson TX2 table -------------------------------------------------
+# FedAdapter paper, Jetson TX2, BERT-base, batch 4, sequence 256: seconds per batch at trainable depth 0..12.
+TX2_TABLE: dict[str, list[float]] = {
+    "adapter": [0.57, 0.57, 0.63, 0.66, 0.71, 0.75, 0.79, 0.84, 0.89, 0.94, 0.99, 1.03, 1.08],
+    "adapter_cached": [round(0.02 + 0.09 * d, 4) for d in range(13)],
+    "freeze": [0.5325, 0.612, 0.696, 0.791, 0.883, 0.9713, 1.064, 1.156, 1.2465, 1.33, 1.419, 1.51, 1.7],
+}
+
+
+def bert_base_flops(series: str, depth: int, batch_size: int = 4, seq_len: int = 256, width: int = 8) -> float:
+    """Counted FLOPs of one training step of a BERT-base-shaped model (weights on the meta device)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lightning_fedpeft.models import apply_peft
+
+    with torch.device("meta"):
+        model = BertForSequenceClassification(BertConfig(num_labels=20))
+        method = "freeze" if series == "freeze" else "adapter"
+        model = apply_peft(model, method, depth=depth, width=width)
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    labels = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    # No attention mask: on the meta device the mask helpers would need real values.
+    step, bottom = count_train_flops(model, {"input_ids": ids, "labels": labels}, cached=series == "adapter_cached")
+    return float(step)
+
+
+def calibrate() -> tuple[DeviceProfile, list[tuple[str, int, float, float]]]:
+    """Fit TX2's ``overhead_s`` and ``flops_per_s`` to the table by least squares on relative error.
+
+    Returns the profile and, per point, ``(series, depth, published_s, predicted_s)``.
+    """
+    points = [(s, d, t, bert_base_flops(s, d)) for s, ts in TX2_TABLE.items() for d, t in enumerate(ts)]
+    # Minimize sum ((a + f/T - t) / t)^2: linear least squares in (a, 1/T) with weights 1/t.
+    w = torch.tensor([1.0 / t for _, _, t, _ in points], dtype=torch.float64)
+    design = torch.stack([w, w * torch.tensor([f for *_, f in points], dtype=torch.float64)], dim=1)
+    target = torch.ones(len(points), dtype=torch.float64)
+    sol = torch.linalg.lstsq(design, target.unsqueeze(1)).solution.squeeze(1)
+    overhead, inv_thr = float(sol[0]), float(sol[1])
+    profile = DeviceProfile("tx2", 1.0 / inv_thr, overhead)
+    return profile, [(s, d, t, profile.batch_seconds(f)) for s, d, t, f in points]
+
+
+def _main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lightning_fedpeft.cost", description=__doc__.split("\n")[0])
+    parser.add_argument("--calibrate", action="store_true", help="fit the TX2 profile to the published table")
+    args = parser.parse_args(argv)
+    if not args.calibrate:
+        parser.print_help()
+        return
+    profile, rows = calibrate()
+    print(f"fitted tx2: flops_per_s={profile.flops_per_s:.3e} overhead_s={profile.overhead_s:.4f}")
+    packaged = load_device_profiles()["tx2"]
+    print(f"packaged tx2: flops_per_s={packaged.flops_per_s:.3e} overhead_s={packaged.overhead_s:.4f}")
+    print("series          depth  published_s  packaged_s  error")
+    worst = 0.0
+    for series, depth, published, _ in rows:
+        predicted = packaged.batch_seconds(bert_base_flops(series, depth))
+        err = predicted / published - 1
+        worst = max(worst, abs(err))
+        print(f"{series:15s} {depth:5d} {published:12.4f} {predicted:11.4f} {err:+7.1%}")
+    print(f"worst error of the packaged profile: {worst:.1%}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,96 @@
+"""The simulated-time cost model: TX2 calibration, device profiles, sim time in the round log, int8 transfer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
+from lightning_fedpeft.cost import TX2_TABLE, CostModel, bert_base_flops, load_device_profiles
+from lightning_fedpeft.state import compress
+
+
+def test_packaged_tx2_profile_reproduces_the_published_table_within_15_percent() -> None:
+    tx2 = load_device_profiles()["tx2"]
+    errors = {}
+    for series, seconds in TX2_TABLE.items():
+        for depth in (0, 1, 2, 4, 8, 12):
+            predicted = tx2.batch_seconds(bert_base_flops(series, depth))
+            errors[(series, depth)] = predicted / seconds[depth] - 1
+    worst = max(errors, key=lambda k: abs(errors[k]))
+    assert abs(errors[worst]) <= 0.15, (worst, errors[worst])
+    # The counts themselves order as the table does: cache < adapters < full layers at the same depth.
+    assert bert_base_flops("adapter_cached", 4) < bert_base_flops("adapter", 4) < bert_base_flops("freeze", 4)
+
+
+def test_relative_profiles_and_user_profile_files(tmp_path: Path) -> None:
+    profiles = load_device_profiles()
+    tx2, nano, rpi = profiles["tx2"], profiles["nano"], profiles["rpi4b"]
+    assert nano.batch_seconds(1e11) == pytest.approx(2 * tx2.batch_seconds(1e11))
+    assert rpi.batch_seconds(1e11) == pytest.approx(20 * tx2.batch_seconds(1e11))
+    own = tmp_path / "devices.yaml"
+    own.write_text("board: {flops_per_s: 1.0e9}\nslow_board: {like: board, slowdown: 3}\n")
+    model = CostModel("slow_board", bandwidth_mbps=0.5, devices_file=str(own))
+    assert model.device.batch_seconds(1e9) == pytest.approx(3.0)
+    assert model.comm_seconds(1e6) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="cost_model.device='tx2' is unknown"):
+        CostModel("tx2", devices_file=str(own))
+    own.write_text("loop_a: {like: loop_b}\nloop_b: {like: loop_a}\n")
+    with pytest.raises(ValueError, match="loop"):
+        load_device_profiles(own)
+    with pytest.raises(ValueError, match="bandwidth_mbps"):
+        CostModel("tx2", bandwidth_mbps=0)
+
+
+def test_int8_transfer_quantizes_values_and_quarters_the_bytes() -> None:
+    gen = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(100, 10, generator=gen), "b": torch.randn(7, generator=gen)}
+    received, nbytes = compress(state, "int8")
+    assert nbytes == 1000 + 4 + 7 + 4
+    for k in state:
+        err = (received[k] - state[k]).abs().max()
+        assert 0 < err <= state[k].abs().max() / 127 / 2 + 1e-7
+    same, full = compress(state, "none")
+    assert full == 4 * 1007 and same["a"] is state["a"]
+
+
+def test_every_round_logs_simulated_time_that_grows_with_what_is_trained(cache_dir: str) -> None:
+    data = FederatedTextDataModule(
+        corpus="stackoverflow",
+        num_clients=6,
+        partitioner="iid",
+        max_train_examples=96,
+        max_val_examples=32,
+        max_test_examples=32,
+        max_length=32,
+        cache_dir=cache_dir,
+    )
+    rows = {}
+    for method, compression in (("adapter", "none"), ("full", "none"), ("full", "int8")):
+        pl.seed_everything(0)
+        model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method=method, depth=2, width=8)
+        sync = RoundSync(clients_per_round=2, seed=0, cost_model=CostModel("tx2", 1.0), compression=compression)
+        trainer = pl.Trainer(
+            max_epochs=2,
+            callbacks=[sync],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        trainer.fit(model, datamodule=data)
+        rows[(method, compression)] = sync.history
+    for history in rows.values():
+        clock = [row["sim_time_h"] for row in history]
+        assert clock[0] > 0 and clock[1] == pytest.approx(clock[0] + history[1]["sim_round_s"] / 3600)
+    adapter, full, full8 = (rows[k][0]["sim_round_s"] for k in rows)
+    # Full fine-tuning moves ~30x more bytes at 1 MB/s and runs a longer backward than adapters.
+    assert full > 10 * adapter
+    # int8 transfer cuts the communication (about 4x fewer bytes) but not the compute.
+    assert adapter < full8 < full
+    assert rows[("full", "int8")][0]["wire_bytes_up"] < rows[("full", "none")][0]["bytes_up"] / 3.9

@@ -1,0 +1,239 @@
+"""FedAdapter: function-preserving growth, the activation cache, trial groups, and checkpointed state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
+from lightning_fedpeft.cache import ActivationCache
+from lightning_fedpeft.cost import CostModel
+from lightning_fedpeft.fedadapter import ProgressiveUpgrade, TrialGroupStrategy
+from lightning_fedpeft.strategy import ClientUpdate
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 5000, (4, 16), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    mask[3, 5:] = 0
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1])}
+
+
+def _trained_adapter_module(depth: int, width: int, cache_mb: float | None = None) -> FedPEFTModule:
+    torch.manual_seed(0)
+    module = FedPEFTModule(
+        num_labels=3, num_hidden_layers=2, method="adapter", depth=depth, width=width, activation_cache_mb=cache_mb
+    )
+    with torch.no_grad():  # stand-in for training: every adapter and the head move away from their init
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return module.eval()
+
+
+def test_widening_and_deepening_preserve_the_function() -> None:
+    module = _trained_adapter_module(depth=1, width=8)
+    batch = _batch()
+    before = module.model(**batch).logits
+    module.resize_adapters(1, 16)  # wider: trained units kept, new units' up-projection is zero
+    assert module.adapter_config == (1, 16)
+    torch.testing.assert_close(module.model(**batch).logits, before, rtol=0, atol=1e-5)
+    module.resize_adapters(2, 16)  # deeper: the new adapter starts as the identity
+    assert module.adapter_config == (2, 16)
+    torch.testing.assert_close(module.model(**batch).logits, before, rtol=0, atol=1e-5)
+    # The grown state names the new configuration; a module in another configuration adopts it on load.
+    state = module.get_trainable_state()
+    adapters = [k for k in state if ".adapter." in k]
+    assert len(adapters) == 2 * 4 and all(state[k].shape[0] == 16 for k in adapters if k.endswith("down.weight"))
+    other = _trained_adapter_module(depth=1, width=8)
+    other.set_trainable_state(state)
+    assert other.adapter_config == (2, 16)
+    torch.testing.assert_close(other.model(**batch).logits, before, rtol=0, atol=1e-5)
+    # And the new units do train: they get gradients.
+    module.train()
+    module.model(**batch).loss.backward()
+    widened = module.model.bert.encoder.layer[1].output.adapter.up.weight
+    assert widened.grad is not None and widened.grad[:, 8:].abs().sum() > 0
+    added = module.model.bert.encoder.layer[0].output.adapter.up.weight
+    assert added.grad is not None and added.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_cached_and_uncached_paths_give_the_same_loss(depth: int) -> None:
+    module = _trained_adapter_module(depth=depth, width=8, cache_mb=16)
+    cache = module.activation_cache
+    batch = _batch()
+    expected = module.model(**batch).loss
+    first = cache(module.model, batch)  # fills the cache
+    second = cache(module.model, batch)  # runs only the layers above the frozen boundary
+    assert cache.misses == 4 and cache.hits == 4 and len(cache) == 4
+    assert cache.last["boundary"] == 2 - depth
+    torch.testing.assert_close(first.loss, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(second.loss, expected, rtol=0, atol=1e-5)
+    # The gradients of the trainable top are the same too.
+    params = [p for p in module.parameters() if p.requires_grad]
+    g_ref = torch.autograd.grad(module.model(**batch).loss, params)
+    g_cached = torch.autograd.grad(cache(module.model, batch).loss, params)
+    for a, b in zip(g_ref, g_cached, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_cache_is_bounded_and_dropped_when_depth_grows() -> None:
+    module = _trained_adapter_module(depth=1, width=8, cache_mb=16)
+    row_bytes = 16 * module.model.config.hidden_size * 4
+    cache = ActivationCache(max_mb=2.5 * row_bytes / 2**20)  # room for two full-length rows
+    batch = _batch()
+    cache(module.model, batch)
+    assert cache.nbytes <= cache.max_bytes and cache.evictions >= 1
+    kept = len(cache)
+    assert 0 < kept < 4
+    module.resize_adapters(2, 8)  # deeper: entries cached for boundary 1 are stale
+    assert cache.invalidate_above(0) == kept and len(cache) == 0 and cache.nbytes == 0
+    expected = module.model(**batch).loss
+    torch.testing.assert_close(cache(module.model, batch).loss, expected)  # nothing frozen: the plain path
+    assert cache.last["boundary"] == 0 and len(cache) == 0
+
+
+class _Scripted:
+    """Grow/evaluate/cost functions for the server half with scripted accuracies."""
+
+    def __init__(self, accuracies: list[float], costs: dict[tuple[int, int], float]) -> None:
+        self.accuracies = list(accuracies)
+        self.costs = costs
+        self.grown: list[tuple[int, int]] = []
+
+    def grow(self, state: dict, config: tuple[int, int]) -> dict:
+        self.grown.append(config)
+        return {"w": torch.full((1,), float(config[0] * 100 + config[1]))}
+
+    def evaluate(self, state: dict) -> float:
+        return self.accuracies.pop(0)
+
+    def cost(self, config: tuple[int, int]) -> float:
+        return self.costs[config]
+
+
+def _run_window(strategy: TrialGroupStrategy, num_clients: int, round0: int) -> tuple[list, dict]:
+    plans, state = [], {"w": torch.zeros(1)}
+    rounds = sum(t.rounds for t in strategy.trials)
+    for r in range(round0, round0 + rounds):
+        plan = strategy.configure_round(r, num_clients)
+        plans.append((strategy.trials[strategy.phase].name, plan.client_ids))
+        updates = [ClientUpdate(c, r, 10, state, {"sim_round_s": 1.0}) for c in plan.client_ids]
+        state = strategy.aggregate(r, state, updates)
+    return plans, state
+
+
+def test_trial_groups_split_the_participants_and_the_best_validation_accuracy_wins() -> None:
+    # Window 0 from (1, 8): shallow costs 1 s/round, deeper 2, wider 1.5; budget T0 * (4*1 + 1) = 6 s.
+    costs = {(1, 8): 1.0, (2, 8): 2.0, (1, 16): 1.5, (2, 16): 2.5, (3, 8): 3.0, (1, 24): 2.0}
+    script = _Scripted([0.30, 0.40, 0.55, 0.50], costs)  # start, shallow, deeper, wider
+    strategy = TrialGroupStrategy(
+        clients_per_group=2,
+        num_layers=4,
+        start=(1, 8),
+        window_s=1.2,
+        grow_fn=script.grow,
+        evaluate_fn=script.evaluate,
+        cost_fn=script.cost,
+        seed=3,
+    )
+    strategy.start_window({"w": torch.zeros(1)})
+    assert [(t.name, t.depth, t.width, t.rounds) for t in strategy.trials] == [
+        ("shallow", 1, 8, 6),
+        ("deeper", 2, 8, 3),
+        ("wider", 1, 16, 4),  # floor(6 / cost): cheaper runs more
+    ]
+    plans, state = _run_window(strategy, num_clients=10, round0=0)
+    # Round j of every group draws from one sample; the groups' slices are disjoint.
+    assert all(len(ids) == 2 for _, ids in plans)
+    by_group = {name: [ids for n, ids in plans if n == name] for name in ("shallow", "deeper", "wider")}
+    for j in range(3):
+        a, b, c = (set(by_group[g][j]) for g in ("shallow", "deeper", "wider"))
+        assert not (a & b or a & c or b & c)
+    # Candidates start from the window's model grown to their configuration.
+    assert script.grown == [(2, 8), (1, 16)]
+    # deeper had the best validation accuracy: everyone continues from its model and configuration.
+    assert strategy.config == (2, 8) and state["w"].item() == 208.0
+    (decision,) = strategy.decisions
+    assert decision.winner == "deeper" and decision.val_acc == 0.55 and decision.gain == pytest.approx(0.25)
+    assert decision.sim_time_h == pytest.approx(3 / 3600)  # the clock advances by the winner's 3 rounds
+    # The next window is planned from the winner: budget T0 * (4*2 + 1).
+    assert [(t.name, t.depth, t.width) for t in strategy.trials] == [
+        ("shallow", 2, 8),
+        ("deeper", 3, 8),
+        ("wider", 2, 16),
+    ]
+    assert strategy.budget_s() == pytest.approx(1.2 * 9)
+
+
+def test_a_tie_keeps_the_cheaper_candidate_and_state_round_trips() -> None:
+    costs = {(0, 8): 1.0, (1, 8): 2.0}
+    script = _Scripted([0.2, 0.5, 0.5], costs)
+    kwargs = dict(clients_per_group=1, num_layers=2, start=(0, 8), window_s=2.0, cost_fn=script.cost, seed=0)
+    strategy = TrialGroupStrategy(grow_fn=script.grow, evaluate_fn=script.evaluate, **kwargs)
+    strategy.start_window({"w": torch.zeros(1)})
+    assert [t.name for t in strategy.trials] == ["shallow", "deeper"]  # no "wider" at depth 0
+    saved = strategy.state_dict()
+    _run_window(strategy, num_clients=4, round0=0)
+    assert strategy.decisions[0].winner == "shallow" and strategy.config == (0, 8)
+    restored = TrialGroupStrategy(grow_fn=script.grow, evaluate_fn=script.evaluate, **kwargs)
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.state_dict()["decisions"] == strategy.state_dict()["decisions"]
+    assert restored.config == strategy.config and restored.clock_s == strategy.clock_s
+    assert [t.name for t in restored.trials] == [t.name for t in strategy.trials]
+    assert saved["window"] == 0 and restored.window == 1
+
+
+def test_progressive_upgrade_runs_and_its_state_rides_in_the_checkpoint(cache_dir: str, tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    data = FederatedTextDataModule(
+        corpus="stackoverflow",
+        num_clients=12,
+        partitioner="iid",
+        max_train_examples=240,
+        max_val_examples=64,
+        max_test_examples=64,
+        max_length=32,
+        cache_dir=cache_dir,
+    )
+
+    def build() -> tuple[FedPEFTModule, RoundSync, ProgressiveUpgrade, pl.Trainer]:
+        model = FedPEFTModule(
+            num_labels=data.num_labels, num_hidden_layers=2, method="adapter", depth=2, lr=5e-3, activation_cache_mb=64
+        )
+        sync = RoundSync(clients_per_round=2, seed=0, cost_model=CostModel("tx2", 1.0))
+        upgrade = ProgressiveUpgrade(clients_per_group=2, window_rounds=1, start_depth=0, start_width=8)
+        trainer = pl.Trainer(
+            max_epochs=6,
+            callbacks=[sync, upgrade],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        return model, sync, upgrade, trainer
+
+    model, sync, upgrade, trainer = build()
+    trainer.fit(model, datamodule=data)
+    assert upgrade.decisions, "at least one decision window closes in 6 rounds"
+    assert all("sim_time_h" in row for row in sync.history)
+    assert model.adapter_config == upgrade.strategy.config or upgrade.strategy.phase > 0
+    ckpt = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    model2, sync2, upgrade2, trainer2 = build()
+    trainer2.fit_loop.max_epochs = 6
+    trainer2.fit(model2, datamodule=data, ckpt_path=str(ckpt))  # nothing left to train: restores only
+    assert upgrade2.state_dict()["decisions"] == upgrade.state_dict()["decisions"]
+    assert upgrade2.strategy.config == upgrade.strategy.config
+    assert upgrade2.strategy.clock_s == upgrade.strategy.clock_s
+    assert model2.adapter_config == model.adapter_config
