@@ -37,7 +37,7 @@ class _Given(nn.Module):
         return self.hidden
 
 
-def _base_and_stack(model: nn.Module) -> tuple[nn.Module, nn.Module, str, nn.ModuleList]:
+def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, str, nn.ModuleList]:
     """The encoder model holding ``embeddings``, and the parent/attribute/list of the transformer layers."""
     layers = find_transformer_layers(model)
     base = next((m for m in model.modules() if hasattr(m, "embeddings") and hasattr(m, "encoder")), None)
@@ -56,7 +56,7 @@ def only_layers(model: nn.Module, start: int, stop: int, given: torch.Tensor | N
 
     With ``given``, the embeddings are replaced by those hidden states (the output of layer ``start - 1``).
     """
-    base, parent, attr, layers = _base_and_stack(model)
+    base, parent, attr, layers = encoder_parts(model)
     embeddings = base.embeddings
     try:
         setattr(parent, attr, nn.ModuleList(list(layers)[start:stop]))
@@ -73,7 +73,7 @@ def frozen_boundary(model: nn.Module) -> int:
 
     Everything below it is frozen. Equals the number of layers when only the head trains.
     """
-    base, _, _, layers = _base_and_stack(model)
+    base, _, _, layers = encoder_parts(model)
     if any(p.requires_grad for p in base.embeddings.parameters()):
         return 0
     for idx, layer in enumerate(layers):
@@ -99,6 +99,7 @@ class ActivationCache:
         self.misses = 0
         self.evictions = 0
         self.last: dict[str, int] = {}  # the last batch: boundary, rows, misses (read by the cost model)
+        self._layers: int | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -143,15 +144,14 @@ class ActivationCache:
         hidden = rows[0].new_zeros((len(rows), input_ids.shape[1], rows[0].shape[-1]))
         for i, row in enumerate(rows):
             hidden[i, : row.shape[0]] = row
-        _, _, _, layers = _base_and_stack(model)
-        with only_layers(model, boundary, len(layers), given=hidden):
+        with only_layers(model, boundary, self._num_layers(model), given=hidden):
             out = model(**batch)
         self._evict()
         return out
 
     def _fill(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keys: list, boundary: int) -> None:
         # Dropout off: the cached bottom must be a deterministic function of the input.
-        base, _, _, _ = _base_and_stack(model)
+        base = encoder_parts(model)[0]
         was_training = base.training
         base.eval()
         try:
@@ -163,6 +163,11 @@ class ActivationCache:
             row = hidden[i, : int(mask[i].sum())].clone()
             self._entries[key] = row
             self.nbytes += self._nbytes(row)
+
+    def _num_layers(self, model: nn.Module) -> int:
+        if self._layers is None:
+            self._layers = len(encoder_parts(model)[3])
+        return self._layers
 
     def _evict(self) -> None:
         while self.nbytes > self.max_bytes and self._entries:

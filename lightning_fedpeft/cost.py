@@ -36,8 +36,7 @@ import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_fedpeft.cache import frozen_boundary, only_layers
-from lightning_fedpeft.tuners.adapter import find_transformer_layers
+from lightning_fedpeft.cache import encoder_parts, frozen_boundary, only_layers
 
 MB = 1e6
 
@@ -126,14 +125,14 @@ def count_train_flops(model: nn.Module, batch: Mapping[str, torch.Tensor], cache
     ``torch.autograd.grad`` and dropped, so the model's ``.grad`` and the RNG are left untouched.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    boundary = frozen_boundary(model) if cached else 0
+    base, _, _, layers = encoder_parts(model)
+    lowest = frozen_boundary(model)
+    boundary = lowest if cached else 0
     ids = batch["input_ids"]
     # Backward is counted through the whole trainable top, down to its input: the input of the lowest
     # trainable layer is made to require grad. (Autograd would otherwise skip the input gradients of the
     # lowest layer's attention and feed-forward when only its adapter trains; the published table counts
     # that layer fully, and this rule makes the count independent of where in the layer the adapter sits.)
-    layers = find_transformer_layers(model)
-    lowest = frozen_boundary(model)
     leaf = _InputRequiresGrad()
     handle = layers[lowest].register_forward_pre_hook(leaf) if 0 < lowest < len(layers) else None
     counter = FlopCounterMode(display=False)
@@ -146,7 +145,7 @@ def count_train_flops(model: nn.Module, batch: Mapping[str, torch.Tensor], cache
             hidden_size = model.config.hidden_size
             dtype = next(model.parameters()).dtype
             given = torch.zeros(*ids.shape, hidden_size, device=ids.device, dtype=dtype)
-            with only_layers(model, boundary, 10**9, given=given):
+            with only_layers(model, boundary, len(layers), given=given):
                 loss = model(**batch).loss
         else:
             loss = model(**batch).loss
@@ -156,7 +155,6 @@ def count_train_flops(model: nn.Module, batch: Mapping[str, torch.Tensor], cache
     bottom = 0
     if boundary > 0:
         counter = FlopCounterMode(display=False)
-        base = next(m for m in model.modules() if hasattr(m, "embeddings") and hasattr(m, "encoder"))
         with torch.no_grad(), counter, only_layers(model, 0, boundary):
             base(input_ids=ids, attention_mask=batch.get("attention_mask"))
         bottom = counter.get_total_flops() // max(1, ids.shape[0])
@@ -180,33 +178,32 @@ class CostModel:
             raise ValueError(f"cost_model.bandwidth_mbps={bandwidth_mbps} must be a positive number of MB/s")
         self.device = profiles[device]
         self.bandwidth_mbps = float(bandwidth_mbps)
-        self._counts: dict[tuple, tuple[float, float, int]] = {}
+        self._counts: dict[tuple, tuple[float, float, int, int]] = {}
 
     def comm_seconds(self, nbytes: float) -> float:
         return nbytes / (self.bandwidth_mbps * MB)
 
     def step_flops(self, model: nn.Module, batch: Mapping[str, torch.Tensor], cached: bool) -> tuple[float, float]:
-        """``(step_flops, bottom_flops_per_example)`` for this batch (counted once per configuration)."""
+        """``(step_flops, bottom_flops_per_example)`` for this batch (counted once per configuration).
+
+        The step scales with the batch's tokens, the per-example bottom with the sequence length.
+        """
         ids = batch["input_ids"]
-        tokens = int(ids.numel())
         key = (_signature(model), cached)
         if key not in self._counts:
             step, bottom = count_train_flops(model, batch, cached=cached)
-            self._counts[key] = (float(step), float(bottom), tokens)
-        step, bottom, ref_tokens = self._counts[key]
-        per_row_ref = ref_tokens  # bottom is per example at the reference length; scale by this row length
-        scale = tokens / ref_tokens
-        return step * scale, bottom * (ids.shape[1] * ids.shape[0] / per_row_ref)
+            self._counts[key] = (float(step), float(bottom), int(ids.numel()), int(ids.shape[1]))
+        step, bottom, ref_tokens, ref_len = self._counts[key]
+        return step * ids.numel() / ref_tokens, bottom * ids.shape[1] / ref_len
 
     def batch_seconds(self, model: nn.Module, batch: Mapping[str, torch.Tensor], cache: Any = None) -> float:
         """Device seconds of one training step on ``batch`` (plus cache fills, if the cache missed)."""
         last = getattr(cache, "last", None) or {}
         cached = last.get("boundary", 0) > 0
         step, bottom = self.step_flops(model, batch, cached)
-        rows = max(1, int(batch["input_ids"].shape[0]))
         seconds = self.device.batch_seconds(step)
         if cached and last.get("misses", 0):
-            seconds += bottom / rows * last["misses"] / self.device.flops_per_s
+            seconds += bottom * last["misses"] / self.device.flops_per_s
         return seconds
 
 
@@ -246,7 +243,7 @@ def bert_base_flops(series: str, depth: int, batch_size: int = 4, seq_len: int =
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     labels = torch.zeros(batch_size, dtype=torch.long, device="meta")
     # No attention mask: on the meta device the mask helpers would need real values.
-    step, bottom = count_train_flops(model, {"input_ids": ids, "labels": labels}, cached=series == "adapter_cached")
+    step, _ = count_train_flops(model, {"input_ids": ids, "labels": labels}, cached=series == "adapter_cached")
     return float(step)
 
 

@@ -18,18 +18,17 @@ state's tensor names and shapes (:meth:`FedPEFTModule.set_trainable_state`).
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_fedpeft.callbacks.log_table import write_log_table
 from lightning_fedpeft.cost import round_seconds
 from lightning_fedpeft.state import TrainableState, state_nbytes, trainable_state
 from lightning_fedpeft.strategy import ClientUpdate, FedAvg, RoundPlan, Strategy
@@ -342,6 +341,7 @@ class ProgressiveUpgrade(Callback):
         self._module: Any = None
         self._trainer: pl.Trainer | None = None
         self._sync: Any = None
+        self._logged = 0  # decisions already written to decisions.csv
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -430,47 +430,27 @@ class ProgressiveUpgrade(Callback):
         gen = torch.Generator().manual_seed(0)
         module.resize_adapters(*config, generator=gen)
         try:
-            batch = self._probe_batch()
+            batch = {k: v.to(module.device) for k, v in sync.sample_batch().items()}
             cache = getattr(module, "activation_cache", None)
             step, _ = sync.cost_model.step_flops(module.model, batch, cached=cache is not None)
-            seconds = sync.cost_model.device.batch_seconds(step) * self._mean_batches()
+            seconds = sync.cost_model.device.batch_seconds(step) * sync.mean_local_batches()
             nbytes = state_nbytes(trainable_state(module))
             seconds += 2 * sync.cost_model.comm_seconds(nbytes)
         finally:
             module.set_trainable_state(saved)
         return seconds
 
-    def _probe_batch(self) -> dict[str, torch.Tensor]:
-        sync = self._sync
-        dataset = sync._dataset
-        n = min(sync._batch_size, len(dataset))
-        batch = sync._loader_kwargs["collate_fn"]([dataset[i] for i in range(n)])
-        return {k: v.to(self._module.device) for k, v in batch.items()}
-
-    def _mean_batches(self) -> float:
-        sync = self._sync
-        sizes = [len(ix) for ix in sync._client_indices if len(ix)]
-        if sync.local_steps is not None:
-            return float(sync.local_steps)
-        return sync.local_epochs * sum(math.ceil(n / sync._batch_size) for n in sizes) / max(1, len(sizes))
-
     # -- logging and checkpointing ----------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = self.strategy
-        if strategy is None or not self._sync.launcher.is_server:
-            return
+        if strategy is None or not self._sync.launcher.is_server or len(strategy.decisions) == self._logged:
+            return  # act only after a round that closed a decision window
+        self._logged = len(strategy.decisions)
         cache = getattr(pl_module, "activation_cache", None)
         if cache is not None:
             # Depth only grows: entries cached for a higher boundary will not be used again.
             cache.invalidate_above(len(pl_module.adapter_injection.layers) - strategy.config[0])
-        if strategy.decisions and trainer.loggers and trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / "decisions.csv"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            rows = [asdict(d) for d in strategy.decisions]
-            with open(path, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+        write_log_table(trainer, "decisions.csv", [asdict(d) for d in strategy.decisions])
 
     @property
     def decisions(self) -> list[Decision]:

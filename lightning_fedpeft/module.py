@@ -110,14 +110,18 @@ class FedPEFTModule(pl.LightningModule):
         With adapters, a state of another configuration (depth, width) is accepted: the adapters are
         first resized to the state's configuration, which its tensor names and shapes determine.
         """
-        injection = self.adapter_injection
-        if injection is not None:
-            prefix = "model."
-            inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            depth, width = adapter_config_of_state(inner, len(injection.layers))
-            if (depth, width or injection.width) != (injection.depth, injection.width):
-                injection.resize(depth, width or injection.width)
+        self._adopt_adapter_config(state)
         load_trainable_state(self, state)
+
+    def _adopt_adapter_config(self, state: TrainableState) -> None:
+        """Resize the adapters (if any) to the configuration that ``state``'s names and shapes describe."""
+        injection = self.adapter_injection
+        if injection is None:
+            return
+        depth, width = adapter_config_of_state(state, len(injection.layers))
+        width = width or injection.width  # depth 0 has no adapter to tell the width: keep it
+        if (depth, width) != (injection.depth, injection.width):
+            injection.resize(depth, width)
 
     # -- adapter configuration (FedAdapter) --------------------------------------------------------------
     @property
@@ -143,12 +147,7 @@ class FedPEFTModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A FedAdapter run may have grown the adapters: resize them to the checkpoint's configuration
         # before Lightning loads its (strict) state dict.
-        injection = self.adapter_injection
-        if injection is not None:
-            prefix = "model."
-            saved = {k[len(prefix) :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
-            depth, width = adapter_config_of_state(saved, len(injection.layers))
-            injection.resize(depth, width or injection.width)
+        self._adopt_adapter_config(checkpoint.get("state_dict", {}))
 
     # -- Lightning ---------------------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> Any:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+
+from lightning_fedpeft import FederatedTextDataModule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,3 +45,31 @@ def topic_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for text, topic in rows:
             fh.write(f'"{text}",{topic}\n')
     return path
+
+
+@pytest.fixture
+def stackoverflow(cache_dir: str) -> Callable[..., FederatedTextDataModule]:
+    """Factory of small Stack Overflow data modules (short titles, 20 classes), IID over clients by default."""
+
+    def make(**settings: Any) -> FederatedTextDataModule:
+        defaults = {"corpus": "stackoverflow", "partitioner": "iid", "max_length": 32, "cache_dir": cache_dir}
+        return FederatedTextDataModule(**(defaults | settings))
+
+    return make
+
+
+def quiet_trainer(**settings: Any) -> pl.Trainer:
+    """A Trainer without logger, checkpoints, bars, summary or sanity check (any of them can be overridden)."""
+    defaults = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(**(defaults | settings))
+
+
+@pytest.fixture
+def trainer_factory() -> Callable[..., pl.Trainer]:
+    return quiet_trainer

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
-from lightning_fedpeft.cost import TX2_TABLE, CostModel, bert_base_flops, load_device_profiles
+from lightning_fedpeft import FedPEFTModule, RoundSync
+from lightning_fedpeft.cost import TX2_TABLE, CostModel, bert_base_flops, count_train_flops, load_device_profiles
 from lightning_fedpeft.state import compress
 
 
@@ -57,32 +57,14 @@ def test_int8_transfer_quantizes_values_and_quarters_the_bytes() -> None:
     assert full == 4 * 1007 and same["a"] is state["a"]
 
 
-def test_every_round_logs_simulated_time_that_grows_with_what_is_trained(cache_dir: str) -> None:
-    data = FederatedTextDataModule(
-        corpus="stackoverflow",
-        num_clients=6,
-        partitioner="iid",
-        max_train_examples=96,
-        max_val_examples=32,
-        max_test_examples=32,
-        max_length=32,
-        cache_dir=cache_dir,
-    )
+def test_every_round_logs_simulated_time_that_grows_with_what_is_trained(stackoverflow, trainer_factory) -> None:
+    data = stackoverflow(num_clients=6, max_train_examples=96, max_val_examples=32, max_test_examples=32)
     rows = {}
     for method, compression in (("adapter", "none"), ("full", "none"), ("full", "int8")):
         pl.seed_everything(0)
         model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method=method, depth=2, width=8)
         sync = RoundSync(clients_per_round=2, seed=0, cost_model=CostModel("tx2", 1.0), compression=compression)
-        trainer = pl.Trainer(
-            max_epochs=2,
-            callbacks=[sync],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        )
+        trainer = trainer_factory(max_epochs=2, callbacks=[sync], limit_val_batches=0)
         trainer.fit(model, datamodule=data)
         rows[(method, compression)] = sync.history
     for history in rows.values():
@@ -94,3 +76,21 @@ def test_every_round_logs_simulated_time_that_grows_with_what_is_trained(cache_d
     # int8 transfer cuts the communication (about 4x fewer bytes) but not the compute.
     assert adapter < full8 < full
     assert rows[("full", "int8")][0]["wire_bytes_up"] < rows[("full", "none")][0]["bytes_up"] / 3.9
+
+
+def test_a_cache_miss_costs_the_frozen_bottom_once_per_missed_example() -> None:
+    torch.manual_seed(0)
+    module = FedPEFTModule(num_labels=3, num_hidden_layers=2, method="adapter", depth=1, width=8, activation_cache_mb=8)
+    ids = torch.randint(1000, 5000, (4, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2, 0])}
+    cost = CostModel("tx2")
+    cache = module.activation_cache
+    cache(module.model, batch)  # 4 misses
+    filling = cost.batch_seconds(module.model, batch, cache)
+    cache(module.model, batch)  # 4 hits
+    warm = cost.batch_seconds(module.model, batch, cache)
+    # The bottom (embeddings + layer 0) of one example, counted on its own.
+    one = {k: v[:1] for k, v in batch.items()}
+    _, bottom_one = count_train_flops(module.model, one, cached=True)
+    assert bottom_one > 0
+    assert filling - warm == pytest.approx(4 * bottom_one / cost.device.flops_per_s, rel=1e-6)

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
+from lightning_fedpeft import FedPEFTModule, RoundSync
 from lightning_fedpeft.cache import ActivationCache
 from lightning_fedpeft.cost import CostModel
 from lightning_fedpeft.fedadapter import ProgressiveUpgrade, TrialGroupStrategy
@@ -191,18 +191,11 @@ def test_a_tie_keeps_the_cheaper_candidate_and_state_round_trips() -> None:
     assert saved["window"] == 0 and restored.window == 1
 
 
-def test_progressive_upgrade_runs_and_its_state_rides_in_the_checkpoint(cache_dir: str, tmp_path: Path) -> None:
+def test_progressive_upgrade_runs_and_its_state_rides_in_the_checkpoint(
+    stackoverflow, trainer_factory, tmp_path: Path
+) -> None:
     pl.seed_everything(0)
-    data = FederatedTextDataModule(
-        corpus="stackoverflow",
-        num_clients=12,
-        partitioner="iid",
-        max_train_examples=240,
-        max_val_examples=64,
-        max_test_examples=64,
-        max_length=32,
-        cache_dir=cache_dir,
-    )
+    data = stackoverflow(num_clients=12, max_train_examples=240, max_val_examples=64, max_test_examples=64)
 
     def build() -> tuple[FedPEFTModule, RoundSync, ProgressiveUpgrade, pl.Trainer]:
         model = FedPEFTModule(
@@ -210,16 +203,7 @@ def test_progressive_upgrade_runs_and_its_state_rides_in_the_checkpoint(cache_di
         )
         sync = RoundSync(clients_per_round=2, seed=0, cost_model=CostModel("tx2", 1.0))
         upgrade = ProgressiveUpgrade(clients_per_group=2, window_rounds=1, start_depth=0, start_width=8)
-        trainer = pl.Trainer(
-            max_epochs=6,
-            callbacks=[sync, upgrade],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        )
+        trainer = trainer_factory(max_epochs=6, callbacks=[sync, upgrade], limit_val_batches=0)
         return model, sync, upgrade, trainer
 
     model, sync, upgrade, trainer = build()

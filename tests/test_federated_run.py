@@ -8,15 +8,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
+from lightning_fedpeft import FedPEFTModule, RoundSync
 from lightning_fedpeft.state import state_nbytes
 
 
-def test_three_rounds_beat_chance_on_held_out_data(cache_dir: str, tmp_path: Path) -> None:
+def test_three_rounds_beat_chance_on_held_out_data(stackoverflow, trainer_factory, tmp_path: Path) -> None:
     pl.seed_everything(0)
     # Stack Overflow question titles: short texts, 20 classes; learnable in a few dozen steps.
-    data = FederatedTextDataModule(
-        corpus="stackoverflow",
+    data = stackoverflow(
         num_clients=8,
         partitioner="dirichlet",
         alpha=1.0,
@@ -24,19 +23,10 @@ def test_three_rounds_beat_chance_on_held_out_data(cache_dir: str, tmp_path: Pat
         max_val_examples=200,
         max_test_examples=300,
         max_length=64,
-        cache_dir=cache_dir,
     )
     model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method="adapter", depth=2, width=16, lr=5e-3)
     sync = RoundSync(clients_per_round=4, local_epochs=1, seed=0)
-    trainer = pl.Trainer(
-        max_epochs=3,
-        callbacks=[sync],
-        logger=CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = trainer_factory(max_epochs=3, callbacks=[sync], logger=CSVLogger(tmp_path))
     trainer.fit(model, datamodule=data)
     (result,) = trainer.test(model, datamodule=data, verbose=False)
 

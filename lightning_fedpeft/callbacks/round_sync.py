@@ -14,10 +14,9 @@ has its training set split IID over ``num_clients``.
 
 from __future__ import annotations
 
-import csv
 import logging
+import math
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from lightning_fedpeft.callbacks.log_table import write_log_table
 from lightning_fedpeft.cost import CostModel, round_seconds
 from lightning_fedpeft.launchers import EmbeddedLauncher, RoundChannel, RoundTicket
 from lightning_fedpeft.launchers.rpc import MODES, RPCLauncher, distributed_env
@@ -135,6 +135,7 @@ class RoundSync(Callback):
         self._t_open = 0.0
         self._pending: dict[str, Any] | None = None
         self._client_sim_s = 0.0
+        self._received: dict[str, torch.Tensor] = {}  # the global state as the round's clients receive it
         self._down_bytes = 0
         self.sim_time_s = 0.0  # the simulated clock (with a cost model)
 
@@ -233,6 +234,18 @@ class RoundSync(Callback):
                 f"(data.num_clients); set clients_per_round to at most {num_clients}"
             )
 
+    def sample_batch(self) -> dict[str, torch.Tensor]:
+        """A training batch of the usual size (the first examples), e.g. to count a step's FLOPs."""
+        n = min(self._batch_size, len(self._dataset))
+        return self._loader_kwargs["collate_fn"]([self._dataset[i] for i in range(n)])
+
+    def mean_local_batches(self) -> float:
+        """Local batches a client trains per round, averaged over the clients that have data."""
+        if self.local_steps is not None:
+            return float(self.local_steps)
+        sizes = [len(ix) for ix in self._client_indices if len(ix)]
+        return self.local_epochs * sum(math.ceil(n / self._batch_size) for n in sizes) / max(1, len(sizes))
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._patched is not None:
             self._patched.__dict__.pop("train_dataloader", None)
@@ -250,6 +263,8 @@ class RoundSync(Callback):
         round_idx = self._trainer.current_epoch
         self._t_open = time.perf_counter()
         self._ticket = self.launcher.begin_round(round_idx)
+        # Once per round: every client of this process receives the same (possibly quantized) state.
+        self._received, self._down_bytes = compress(self._ticket.global_state, self.compression)
         sampler = RoundBatchSampler(
             self._client_indices,
             self._ticket.client_ids,
@@ -274,19 +289,13 @@ class RoundSync(Callback):
         if segment is None:
             return
         assert self._ticket is not None
-        received, self._down_bytes = compress(self._ticket.global_state, self.compression)
-        _load_state(pl_module, received)
+        _load_state(pl_module, self._received)
         trainer.strategy.setup_optimizers(trainer)  # fresh optimizer (and schedulers) for every client
         # Dropout etc. depend only on (seed, round, client), wherever the client is trained.
         torch.manual_seed(client_seed(self.seed, self._ticket.round, segment.client_id))
         self._client = segment
         self._client_losses = []
         self._client_sim_s = 0.0
-
-    @property
-    def current_client_id(self) -> int | None:
-        """The client being trained in this process right now (``None`` between clients)."""
-        return None if self._client is None else self._client.client_id
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -390,18 +399,8 @@ class RoundSync(Callback):
 
     def _write_table(self, trainer: pl.Trainer) -> None:
         """Keep ``rounds.csv`` (one row per round) next to the logger's files."""
-        # Only beside a logger's files: with logger=False, log_dir is the working directory.
-        if not trainer.loggers or trainer.log_dir is None or not self.launcher.is_server:
-            return
-        path = Path(trainer.log_dir) / "rounds.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        columns: list[str] = []
-        for row in self.history:
-            columns.extend(k for k in row if k not in columns)
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.history)
+        if self.launcher.is_server:
+            write_log_table(trainer, "rounds.csv", self.history)
 
     # -- checkpointing ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -51,10 +51,6 @@ class AdapterInjection:
     def width(self) -> int:
         return self.config.width
 
-    def first_adapted_layer(self) -> int:
-        """Index of the lowest layer with an adapter (``len(layers)`` when there is none)."""
-        return len(self.layers) - self.depth
-
     def resize(self, depth: int, width: int, generator: torch.Generator | None = None) -> None:
         """Change the configuration in place, preserving the function when growing.
 
