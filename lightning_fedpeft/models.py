@@ -163,6 +163,7 @@ def apply_peft(
     alpha: int = 16,
     dropout: float = 0.0,
     target_modules: list[str] | None = None,
+    orth_reg_weight: float = 0.5,
 ) -> nn.Module:
     """Wrap ``model`` with ``method`` and set ``requires_grad`` so that exactly the federated part trains.
 
@@ -222,6 +223,7 @@ def apply_peft(
             lora_dropout=dropout,
             target_modules=list(target_modules or DEFAULT_SVD_TARGETS),
             modules_to_save=heads,
+            orth_reg_weight=orth_reg_weight,
             task_type="SEQ_CLS",  # PeftModelForSequenceClassification: its forward adds AdaLoRA's orth. penalty
             total_step=1,  # required by peft; unused because update_and_allocate is never called here
         )

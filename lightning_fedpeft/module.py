@@ -14,6 +14,7 @@ from lightning_fedpeft.models import PEFT_METHODS, PEFTMethod, apply_peft, load_
 from lightning_fedpeft.state import TrainableState, load_trainable_state, trainable_state
 from lightning_fedpeft.tuners.adapter import AdapterInjection
 from lightning_fedpeft.tuners.adapter.model import adapter_config_of_state
+from lightning_fedpeft.tuners.svd import adopt_state_ranks
 
 
 class FedPEFTModule(pl.LightningModule):
@@ -33,6 +34,7 @@ class FedPEFTModule(pl.LightningModule):
         lora_dropout: lora/svd: dropout on the low-rank path.
         target_modules: lora/svd: module name suffixes to adapt (default: query/value for LoRA, all six
             linear kinds for SVD).
+        orth_reg_weight: svd: weight of AdaLoRA's orthogonality penalty on P and Q (added to the loss).
         num_hidden_layers: keep only the first N pre-trained layers (a cheap model for tests).
         pooling: ``mean`` (average of the token states; right for sentence-embedding checkpoints such as
             MiniLM) or ``model`` (the checkpoint's own pooler / head).
@@ -56,6 +58,7 @@ class FedPEFTModule(pl.LightningModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         target_modules: list[str] | None = None,
+        orth_reg_weight: float = 0.5,
         num_hidden_layers: int | None = None,
         pooling: str = "mean",
         optimizer: str = "adamw",
@@ -72,6 +75,8 @@ class FedPEFTModule(pl.LightningModule):
             raise ValueError(f"model.num_labels={num_labels} must be at least 2")
         if lr <= 0:
             raise ValueError(f"model.lr={lr} must be positive")
+        if orth_reg_weight < 0:
+            raise ValueError(f"model.orth_reg_weight={orth_reg_weight} must be >= 0")
         self.save_hyperparameters()
         path = resolve_model_path(model_name_or_path)
         backbone = load_backbone(path, num_labels=num_labels, num_hidden_layers=num_hidden_layers, pooling=pooling)
@@ -85,6 +90,7 @@ class FedPEFTModule(pl.LightningModule):
                 alpha=lora_alpha,
                 dropout=lora_dropout,
                 target_modules=target_modules,
+                orth_reg_weight=orth_reg_weight,
             )
         except ValueError as err:
             raise ValueError(f"model: {err}") from err
@@ -107,14 +113,18 @@ class FedPEFTModule(pl.LightningModule):
     def set_trainable_state(self, state: TrainableState) -> None:
         """Load a state produced by :meth:`get_trainable_state` (on this or an identically built module).
 
-        With adapters, a state of another configuration (depth, width) is accepted: the adapters are
-        first resized to the state's configuration, which its tensor names and shapes determine.
+        A state of another configuration is accepted where the method allows one, which the state's tensor
+        names and shapes determine: adapters of another (depth, width) are resized to it (FedAdapter); SVD
+        layers take the state's rank per module, and the ones the state lacks are pruned (FedARA).
         """
-        self._adopt_adapter_config(state)
+        self._adopt_configuration(state)
         load_trainable_state(self, state)
 
-    def _adopt_adapter_config(self, state: TrainableState) -> None:
-        """Resize the adapters (if any) to the configuration that ``state``'s names and shapes describe."""
+    def _adopt_configuration(self, state: TrainableState) -> None:
+        """Resize adapters or SVD layers (if any) to the configuration that ``state`` describes."""
+        if self.hparams.method == "svd":
+            adopt_state_ranks(self.model, state, prefix="model.")
+            return
         injection = self.adapter_injection
         if injection is None:
             return
@@ -145,9 +155,9 @@ class FedPEFTModule(pl.LightningModule):
         injection.resize(depth, width, generator=generator)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A FedAdapter run may have grown the adapters: resize them to the checkpoint's configuration
-        # before Lightning loads its (strict) state dict.
-        self._adopt_adapter_config(checkpoint.get("state_dict", {}))
+        # A FedAdapter run may have grown the adapters, a FedARA run cut or pruned SVD layers: take the
+        # checkpoint's configuration before Lightning loads its (strict) state dict.
+        self._adopt_configuration(checkpoint.get("state_dict", {}))
 
     # -- Lightning ---------------------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> Any:

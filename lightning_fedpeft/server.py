@@ -89,7 +89,7 @@ class FederatedServer:
         assert self.record is not None
         self.record.received.append(update.client_id)
         self.record.client_metrics[update.client_id] = dict(update.metrics)
-        self.record.bytes_up += state_nbytes(update.state)
+        self.record.bytes_up += state_nbytes(update.state) + state_nbytes(update.extras)
         self._updates.append(update)
         return True
 
@@ -110,7 +110,10 @@ class FederatedServer:
                 return f"{name} has non-finite values"
         if not (update.num_examples > 0 and math.isfinite(update.num_examples)):
             return f"num_examples={update.num_examples} is not a positive count"
-        return None
+        for name, tensor in update.extras.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return f"extra {name} has non-finite values"
+        return self.strategy.check_update(update)
 
     def close_round(self) -> TrainableState:
         """Aggregate the accepted updates into the new global state and close the round."""

@@ -26,6 +26,9 @@ class ClientUpdate:
     num_examples: int
     state: TrainableState
     metrics: dict[str, float] = field(default_factory=dict)
+    # Side tensors an algorithm sends with the update (e.g. FedARA's importance per triplet); they cross
+    # the wire and are counted in the round's bytes, but they are not part of the model.
+    extras: TrainableState = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +69,10 @@ class Strategy:
     ) -> TrainableState:
         """Combine client updates into the next global state."""
         raise NotImplementedError
+
+    def check_update(self, update: ClientUpdate) -> str | None:
+        """Why ``update`` must be rejected beyond the server's own checks (e.g. its ``extras``), or ``None``."""
+        return None
 
     def round_extras(self) -> dict[str, float]:
         """Values to log with the round just aggregated (the server adds them to the round's record)."""

@@ -121,3 +121,36 @@ def test_every_baseline_config_parses(tmp_path: Path) -> None:
         proc = _fedpeft("fit", "--config", str(config), "--print_config", cwd=tmp_path)
         assert proc.returncode == 0, (config.name, proc.stderr[-2000:])
         assert "cost_model" in proc.stdout
+
+
+def test_fedara_config_allocates_ranks_through_the_cli(tmp_path: Path, cache_dir: str) -> None:
+    config = yaml.safe_load((REPO / "configs" / "fedara" / "fedara.yaml").read_text())
+    allocation, pruning = config["trainer"]["callbacks"]
+    assert pruning["class_path"].endswith("ModulePruning")
+    allocation["init_args"] |= {"warmup_rounds": 1, "final_rounds": 1}
+    config["trainer"] |= {"max_epochs": 4, "enable_checkpointing": False}
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    config["model"] |= {"num_hidden_layers": 2, "rank": 2}
+    config["data"] |= {"corpus": "stackoverflow", "max_train_examples": 200, "max_val_examples": 40}
+    config["data"] |= {"max_test_examples": 40, "max_length": 32, "num_clients": 10, "cache_dir": cache_dir}
+    config["federation"] |= {"clients_per_round": 2, "eval_every": 4}
+    path = tmp_path / "fedara.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = _fedpeft("fit", "--config", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rounds_csv,) = (tmp_path / "runs").rglob("rounds.csv")
+    with open(rounds_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["active_ranks"]) for r in rows][-1] == 12.0  # target rank 1 x 12 modules
+    assert float(rows[-1]["bytes_down"]) < float(rows[0]["bytes_down"])
+    assert all(r["step_time_ms"] and r["saved_activation_mb"] for r in rows)
+
+
+def test_every_fedara_config_parses(tmp_path: Path) -> None:
+    configs = sorted((REPO / "configs" / "fedara").glob("*.yaml"))
+    assert [c.name for c in configs] == ["fedara.yaml", "lora_fedavg.yaml", "svd_fixed.yaml"]
+    for config in configs:
+        proc = _fedpeft("fit", "--config", str(config), "--print_config", cwd=tmp_path)
+        assert proc.returncode == 0, (config.name, proc.stderr[-2000:])
+        assert "alpha: 1.0" in proc.stdout
+        assert "ClientResources" in proc.stdout or "ModulePruning" in proc.stdout

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import torch
@@ -33,6 +33,20 @@ from lightning_fedpeft.state import COMPRESSIONS, compress, load_trainable_state
 from lightning_fedpeft.strategy import ClientUpdate, FedAvg, Strategy
 
 log = logging.getLogger(__name__)
+
+
+class ClientHook(Protocol):
+    """Per-client work an algorithm adds to every client's local round (e.g. FedARA's importance).
+
+    RoundSync calls :meth:`on_client_start` after the client has received the global state (and got a
+    fresh optimizer), and :meth:`on_client_end` after its last local step. What ``on_client_end``
+    returns travels with the client's update: ``extras`` (tensors, counted in the round's bytes) and
+    ``metrics`` (numbers; their mean over the round's clients joins the round's row in ``rounds.csv``).
+    """
+
+    def on_client_start(self, pl_module: pl.LightningModule) -> None: ...
+
+    def on_client_end(self, pl_module: pl.LightningModule) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
 
 
 class RoundSync(Callback):
@@ -138,6 +152,8 @@ class RoundSync(Callback):
         self._received: dict[str, torch.Tensor] = {}  # the global state as the round's clients receive it
         self._down_bytes = 0
         self.sim_time_s = 0.0  # the simulated clock (with a cost model)
+        self.client_hooks: list[ClientHook] = []  # added by algorithm callbacks in their setup
+        self._hook_metrics: set[str] = set()
 
     # -- set-up: find the data, validate, take over the training loader --------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -151,6 +167,10 @@ class RoundSync(Callback):
                 "RoundSync needs the training data from a LightningDataModule or LightningModule.train_dataloader(); "
                 "pass `datamodule=` to Trainer.fit instead of `train_dataloaders=`"
             )
+        stale = source.__dict__.get("train_dataloader")
+        if stale is not None and isinstance(getattr(stale, "__self__", None), RoundSync):
+            # A fit that failed after another RoundSync's setup can leave its patch behind: drop it.
+            source.__dict__.pop("train_dataloader")
         base = source.train_dataloader()
         if not isinstance(base, DataLoader):
             raise TypeError(
@@ -252,6 +272,12 @@ class RoundSync(Callback):
             self._patched = None
             self.launcher.shutdown()
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Leave the data module as it was found, also when fit fails (e.g. another callback's setup).
+        if self._patched is not None:
+            self._patched.__dict__.pop("train_dataloader", None)
+            self._patched = None
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After any checkpoint restore, so a resumed run continues from the saved global model.
         self.launcher.start(self.strategy, self._num_clients, trainable_state(pl_module))
@@ -296,6 +322,8 @@ class RoundSync(Callback):
         self._client = segment
         self._client_losses = []
         self._client_sim_s = 0.0
+        for hook in self.client_hooks:
+            hook.on_client_start(pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -319,6 +347,12 @@ class RoundSync(Callback):
         assert self._ticket is not None and self._client is not None
         metrics = {"train_loss": sum(self._client_losses) / len(self._client_losses)} if self._client_losses else {}
         self._losses.extend(self._client_losses)
+        extras: dict[str, torch.Tensor] = {}
+        for hook in self.client_hooks:
+            hook_extras, hook_metrics = hook.on_client_end(pl_module)
+            extras |= hook_extras
+            metrics |= hook_metrics
+            self._hook_metrics.update(hook_metrics)
         state, up_bytes = compress(trainable_state(pl_module), self.compression)
         if self.compression != "none":
             metrics |= {"wire_bytes_down": float(self._down_bytes), "wire_bytes_up": float(up_bytes)}
@@ -331,6 +365,7 @@ class RoundSync(Callback):
             num_examples=self._client.num_examples,
             state=state,
             metrics=metrics,
+            extras=extras,
         )
         self.launcher.submit(update)
         self._client = None
@@ -363,6 +398,10 @@ class RoundSync(Callback):
                 # A strategy that runs trials side by side keeps its own clock (extras["sim_time_s"]).
                 self.sim_time_s = float(record.extras.get("sim_time_s", self.sim_time_s + row["sim_round_s"]))
                 row["sim_time_h"] = self.sim_time_s / 3600.0
+            for key in sorted(self._hook_metrics):
+                values = [m[key] for m in clients if key in m]
+                if values:
+                    row[key] = sum(values) / len(values)
             row |= record.extras
             if record.missing or record.rejected or record.late:
                 row["missing_clients"] = " ".join(map(str, record.missing))
@@ -403,6 +442,14 @@ class RoundSync(Callback):
             write_log_table(trainer, "rounds.csv", self.history)
 
     # -- checkpointing ---------------------------------------------------------------------------------
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The optimizer belongs to the last client and every client starts a fresh one, so its state is
+        # not worth keeping; and when an algorithm changes the trainable parameters' shapes (FedAdapter
+        # grows adapters, FedARA cuts ranks), the optimizer built at resume would not accept it.
+        checkpoint["optimizer_states"] = []
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history)}
 

@@ -1,0 +1,160 @@
+"""What FedARA needs on top of peft's AdaLoRA layers: triplets that shrink, modules that go, packed states.
+
+The SVD math (``ΔW = P · Λ · Q · scaling / r_init`` with the orthogonality penalty) is peft's
+:class:`~peft.tuners.adalora.layer.SVDLinear`; its ``lora_B`` is P (out × r), ``lora_E`` is Λ (r × 1) and
+``lora_A`` is Q (r × in). peft masks a triplet by zeroing its Λ entry and keeps it in memory, in the
+backward pass and (for us) on the wire. Federated rank allocation wants the opposite, so this module adds
+the three things peft does not have:
+
+* :func:`set_rank`: cut a layer to the active triplets (new, smaller parameters; ``ranknum`` keeps
+  ``r_init`` so the scaling of the surviving triplets does not change);
+* :func:`prune_layer`: put the frozen base layer back in the SVD layer's place, so the module no longer runs,
+  owns no parameters and sends nothing;
+* :func:`pack` / :func:`unpack`: the state with only the active triplets (what travels) from the full
+  ``r_init`` state the server keeps, and back.
+
+peft's own resizing (``resize_modules_by_rank_pattern``) re-initialises the layer and resets ``ranknum``,
+which changes the function of the surviving triplets, so it is not used here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lightning_fedpeft.state import TrainableState
+
+ADAPTER = "default"  # peft's adapter name; FedPEFTModule builds one adapter
+_E, _A, _B = f".lora_E.{ADAPTER}", f".lora_A.{ADAPTER}", f".lora_B.{ADAPTER}"
+
+
+def svd_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The live SVD layers of ``model`` by qualified name (names as in ``model.named_parameters``)."""
+    from peft.tuners.adalora.layer import AdaLoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaLoraLayer) and ADAPTER in m.lora_E}
+
+
+def layer_rank(layer: nn.Module) -> int:
+    """Triplets the layer holds now."""
+    return int(layer.lora_E[ADAPTER].shape[0])
+
+
+def module_names_in_state(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Qualified names of the SVD modules whose triplets ``state`` carries (in the state's order)."""
+    return [key[: -len(_E)] for key in state if key.endswith(_E)]
+
+
+def state_ranks(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Triplets per SVD module in ``state``."""
+    return {name: int(state[name + _E].shape[0]) for name in module_names_in_state(state)}
+
+
+def triplet_keys(module: str) -> tuple[str, str, str]:
+    """The state keys of a module's Λ, Q and P."""
+    return module + _E, module + _A, module + _B
+
+
+def set_rank(layer: nn.Module, rank: int) -> None:
+    """Give ``layer`` room for ``rank`` triplets (zeros: the caller loads the values next).
+
+    New parameter objects replace the old ones, so an optimizer built before this call must be rebuilt
+    (RoundSync builds one per client anyway). ``ranknum`` stays at ``r_init``.
+    """
+    if rank < 0:
+        raise ValueError(f"rank={rank} must be >= 0")
+    if rank == layer_rank(layer):
+        return
+    old_a, old_b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+    kw = {"device": old_a.device, "dtype": old_a.dtype}
+    layer.lora_A[ADAPTER] = nn.Parameter(torch.zeros(rank, old_a.shape[1], **kw), requires_grad=old_a.requires_grad)
+    layer.lora_E[ADAPTER] = nn.Parameter(torch.zeros(rank, 1, **kw), requires_grad=old_a.requires_grad)
+    layer.lora_B[ADAPTER] = nn.Parameter(torch.zeros(old_b.shape[0], rank, **kw), requires_grad=old_b.requires_grad)
+    layer.r[ADAPTER] = rank
+
+
+def prune_layer(model: nn.Module, name: str) -> nn.Module:
+    """Replace the SVD layer ``name`` of ``model`` by its frozen base layer; return the removed layer.
+
+    Afterwards the SVD layer is not called any more (a forward hook on it stays silent), its parameters
+    are gone from ``model.parameters()`` (so from the optimizer and the trainable state), and if no
+    trainable parameter is left below some transformer layer, autograd records nothing there: the
+    backward pass stops at the lowest layer that still has one.
+    """
+    layer = model.get_submodule(name)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, layer.get_base_layer())
+    return layer
+
+
+def adopt_state_ranks(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "") -> None:
+    """Make ``model``'s SVD layers hold what ``state`` carries: resize each layer to the state's rank and
+    prune the layers the state no longer has. ``prefix`` is what the state's keys add to ``model``'s names
+    (``"model."`` for a :class:`~lightning_fedpeft.FedPEFTModule`'s ``model``).
+
+    A state without any SVD triplet (e.g. only a classifier) is taken to be a state from another kind of
+    model and changes nothing.
+    """
+    ranks = state_ranks(state)
+    if not ranks:
+        return
+    for name, layer in svd_layers(model).items():
+        key = prefix + name
+        if key in ranks:
+            set_rank(layer, ranks[key])
+        else:
+            prune_layer(model, name)
+
+
+def pack(full: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], drop_empty: bool) -> TrainableState:
+    """The state that travels: every non-SVD tensor as is, and per SVD module only its active triplets.
+
+    ``masks[module]`` is a bool vector over the module's ``r_init`` triplets. A module without an
+    active triplet is left out when ``drop_empty`` (it has been pruned), else kept with zero-size tensors.
+    """
+    out: TrainableState = {}
+    for key, tensor in full.items():
+        module = _module_of(key)
+        if module is None or module not in masks:
+            out[key] = tensor.clone()
+            continue
+        mask = masks[module]
+        if drop_empty and not bool(mask.any()):
+            continue
+        idx = mask.nonzero().flatten()
+        out[key] = tensor[:, idx].clone() if key.endswith(_B) else tensor[idx].clone()
+    return out
+
+
+def unpack(
+    packed: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], full: Mapping[str, torch.Tensor]
+) -> TrainableState:
+    """The full ``r_init`` state rebuilt from a packed one: active triplets from ``packed``, the masked
+    ones (and pruned modules) keep the values they have in ``full``.
+    """
+    out: TrainableState = {}
+    for key, ref in full.items():
+        module = _module_of(key)
+        if module is None or module not in masks:
+            out[key] = packed[key].clone()
+            continue
+        tensor = ref.clone()
+        mask = masks[module]
+        if key in packed:
+            idx = mask.nonzero().flatten()
+            if key.endswith(_B):
+                tensor[:, idx] = packed[key]
+            else:
+                tensor[idx] = packed[key]
+        out[key] = tensor
+    return out
+
+
+def _module_of(key: str) -> str | None:
+    for suffix in (_E, _A, _B):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return None
