@@ -191,6 +191,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="cache timing: timed client rounds per setting")
     parser.add_argument("--skip-cache", action="store_true")
     parser.add_argument(
+        "--reuse",
+        help="results.json of an earlier run: its methods that are not in --methods join the table as they are",
+    )
+    parser.add_argument(
         "--rounds",
         type=json.loads,
         default={
@@ -210,6 +214,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     results = {name: run_method(name, args) for name in args.methods}
+    if args.reuse:
+        earlier = json.loads(Path(args.reuse).read_text())["results"]
+        results = {name: results.get(name) or earlier[name] for name in METHODS if name in results or name in earlier}
     best = max(acc for r in results.values() for _, acc in r["curve"])
     floor = min(max(acc for _, acc in r["curve"]) for r in results.values())
     target, low_target = 0.99 * best, 0.99 * floor

@@ -47,6 +47,7 @@ def run(method: str, alpha: float, args: argparse.Namespace) -> dict:
         alpha=alpha,
         batch_size=16,
         max_val_examples=args.val_examples,
+        min_partition_size=args.min_partition_size,
         seed=args.seed,
     )
     data.setup("fit")
@@ -176,6 +177,9 @@ def main() -> None:
     parser.add_argument("--val-examples", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--min-partition-size", type=int, default=5, help="smallest client (flwr's Dirichlet sampler gives up at 10)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,13 @@ def partition_clients(
     try:
         return [list(part.load_partition(i)["idx"]) for i in range(num_clients)]
     except ValueError as err:
-        raise ValueError(f"data.partitioner={partitioner!r} could not split the data: {err}") from err
+        hint = ""
+        if partitioner == "dirichlet":
+            hint = (
+                f" (alpha={alpha}, {num_clients} clients, at least {min_partition_size} examples each): lower "
+                f"data.min_partition_size, raise data.alpha or use fewer data.num_clients"
+            )
+        raise ValueError(f"data.partitioner={partitioner!r} could not split the data{hint}: {err}") from err
 
 
 class TokenizedDataset(Dataset):

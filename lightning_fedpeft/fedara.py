@@ -37,7 +37,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_fedpeft.callbacks.client_resources import ClientResources
-from lightning_fedpeft.state import TrainableState
+from lightning_fedpeft.state import TrainableState, trainable_state
 from lightning_fedpeft.strategy import ClientUpdate, FedAvg
 from lightning_fedpeft.tuners.svd import (
     layer_rank,
@@ -378,9 +378,12 @@ class RankAllocation(Callback):
         self._allocator = RankAllocator(model, config, "default")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending_state is not None and self.strategy is not None:
+        assert self.strategy is not None
+        if self._pending_state is not None:  # resuming: the checkpoint's triplets, mask and scores
             self.strategy.load_state_dict(self._pending_state)
             self._pending_state = None
+        elif not self.strategy.masks:  # so the server checks the importance of round 0's updates too
+            self.strategy.start(trainable_state(pl_module))
 
     # -- the client half: importance over local steps ------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -60,12 +60,18 @@ def state_numel(state: Mapping[str, torch.Tensor]) -> int:
 COMPRESSIONS: tuple[str, ...] = ("none", "int8")
 
 
-def compress(state: Mapping[str, torch.Tensor], compression: str) -> tuple[TrainableState, int]:
+def compress(
+    state: Mapping[str, torch.Tensor], compression: str, reference: Mapping[str, torch.Tensor] | None = None
+) -> tuple[TrainableState, int]:
     """What the receiver gets after ``state`` crosses the wire, and how many bytes crossed it.
 
     ``int8``: each float tensor is quantized symmetrically to int8 with one float32 scale
     (``scale = max|x| / 127``) and dequantized on arrival, so the values carry the quantization error and
-    the wire carries one byte per value plus four per tensor. ``none``: unchanged, full size.
+    the wire carries one byte per value plus four per tensor. With a ``reference`` that both sides hold
+    (the state the client received, or the run's starting state), what is quantized is the difference
+    ``state - reference``, and the receiver adds the reference back: quantizing pre-trained weights
+    themselves each round (embeddings, layer norms) destroys them, while their change is small and
+    quantizes well. ``none``: unchanged, full size.
     """
     if compression == "none":
         return dict(state), state_nbytes(state)
@@ -78,8 +84,13 @@ def compress(state: Mapping[str, torch.Tensor], compression: str) -> tuple[Train
             out[name] = tensor
             nbytes += tensor.numel() * tensor.element_size()
             continue
-        scale = tensor.abs().max().clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-        q = torch.clamp(torch.round(tensor / scale), -127, 127).to(torch.int8)
-        out[name] = (q.to(tensor.dtype) * scale).to(tensor.dtype)
+        base = None if reference is None else reference.get(name)
+        if base is not None and base.shape != tensor.shape:
+            base = None  # the configuration changed shape: send the values themselves
+        value = tensor if base is None else tensor - base
+        scale = value.abs().max().clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+        q = torch.clamp(torch.round(value / scale), -127, 127).to(torch.int8)
+        received = q.to(tensor.dtype) * scale
+        out[name] = (received if base is None else base + received).to(tensor.dtype)
         nbytes += q.numel() + 4
     return out, nbytes

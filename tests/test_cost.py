@@ -57,6 +57,22 @@ def test_int8_transfer_quantizes_values_and_quarters_the_bytes() -> None:
     assert full == 4 * 1007 and same["a"] is state["a"]
 
 
+def test_int8_with_a_reference_quantizes_only_the_change() -> None:
+    # Pre-trained-like weights (large, spread) plus a small fine-tuning change: quantizing the weights
+    # themselves loses the change, quantizing the change keeps it to within half a step of its own scale.
+    gen = torch.Generator().manual_seed(0)
+    ref = {"w": 3.0 * torch.randn(200, 20, generator=gen), "shape_changed": torch.zeros(3)}
+    delta = 1e-3 * torch.randn(200, 20, generator=gen)
+    state = {"w": ref["w"] + delta, "shape_changed": torch.ones(5)}
+    received, nbytes = compress(state, "int8", reference=ref)
+    assert nbytes == 4000 + 4 + 5 + 4
+    err = (received["w"] - state["w"]).abs().max()
+    assert err <= delta.abs().max() / 127 / 2 + 1e-6
+    plain, _ = compress(state, "int8")
+    assert (plain["w"] - state["w"]).abs().max() > 10 * err
+    assert torch.allclose(received["shape_changed"], torch.ones(5))  # no usable reference: values sent
+
+
 def test_every_round_logs_simulated_time_that_grows_with_what_is_trained(stackoverflow, trainer_factory) -> None:
     data = stackoverflow(num_clients=6, max_train_examples=96, max_val_examples=32, max_test_examples=32)
     rows = {}

@@ -68,8 +68,10 @@ class RoundSync(Callback):
         cost_model: if set, every round also logs its simulated duration on edge devices
             (``sim_round_s``: the slowest participant's compute + download + upload) and the cumulative
             ``sim_time_h`` (see :mod:`lightning_fedpeft.cost`). Needs a Hugging Face model at ``pl_module.model``.
-        compression: ``none`` or ``int8`` (both directions quantized to int8 per tensor; the values carry
-            the quantization error and the simulated transfer time uses the int8 size).
+        compression: ``none`` or ``int8`` (both directions quantized to int8 per tensor: the download as the
+            difference from the run's starting state, the upload as the difference from what the client
+            received; the values carry the quantization error and the simulated transfer time uses the
+            int8 size).
         launcher: where the server lives and which clients this process hosts. Default: torch.distributed
             RPC when ``WORLD_SIZE`` > 1 is set (torchrun), else this process hosts the server and all clients.
     """
@@ -151,6 +153,7 @@ class RoundSync(Callback):
         self._client_sim_s = 0.0
         self._received: dict[str, torch.Tensor] = {}  # the global state as the round's clients receive it
         self._down_bytes = 0
+        self._reference: dict[str, torch.Tensor] | None = None  # what int8 transfers are differences from
         self.sim_time_s = 0.0  # the simulated clock (with a cost model)
         self.client_hooks: list[ClientHook] = []  # added by algorithm callbacks in their setup
         self._hook_metrics: set[str] = set()
@@ -280,7 +283,9 @@ class RoundSync(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After any checkpoint restore, so a resumed run continues from the saved global model.
-        self.launcher.start(self.strategy, self._num_clients, trainable_state(pl_module))
+        initial = trainable_state(pl_module)
+        self._reference = initial if self.compression != "none" else None
+        self.launcher.start(self.strategy, self._num_clients, initial)
 
     # -- a round --------------------------------------------------------------------------------------
     def _round_dataloader(self) -> DataLoader:
@@ -290,7 +295,9 @@ class RoundSync(Callback):
         self._t_open = time.perf_counter()
         self._ticket = self.launcher.begin_round(round_idx)
         # Once per round: every client of this process receives the same (possibly quantized) state.
-        self._received, self._down_bytes = compress(self._ticket.global_state, self.compression)
+        # int8 sends differences: down, from the run's starting state (which every client holds: the
+        # pre-trained model and the seeded initialisation); up, from the state the client received.
+        self._received, self._down_bytes = compress(self._ticket.global_state, self.compression, self._reference)
         sampler = RoundBatchSampler(
             self._client_indices,
             self._ticket.client_ids,
@@ -353,7 +360,7 @@ class RoundSync(Callback):
             extras |= hook_extras
             metrics |= hook_metrics
             self._hook_metrics.update(hook_metrics)
-        state, up_bytes = compress(trainable_state(pl_module), self.compression)
+        state, up_bytes = compress(trainable_state(pl_module), self.compression, self._received)
         if self.compression != "none":
             metrics |= {"wire_bytes_down": float(self._down_bytes), "wire_bytes_up": float(up_bytes)}
         if self.cost_model is not None:
