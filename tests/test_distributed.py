@@ -103,6 +103,47 @@ def test_three_ranks_match_the_one_process_simulator(tmp_path: Path, cache_dir: 
     assert [r["bytes_up"] for r in rows] == [r["bytes_up"] for r in _rounds(tmp_path, "one")]
 
 
+@pytest.mark.timeout(600)
+def test_fedara_over_three_ranks_matches_the_one_process_simulator(tmp_path: Path, cache_dir: str) -> None:
+    # Importance travels in the updates across RPC, the mask shrinks the shapes every client adopts, and
+    # emptied modules are pruned on the wire: the result must be the simulator's, to the float.
+    fedara = [
+        {
+            "class_path": "lightning_fedpeft.fedara.RankAllocation",
+            "init_args": {"target_rank": 0.5, "warmup_rounds": 1, "final_rounds": 1},
+        },
+        {"class_path": "lightning_fedpeft.fedara.ModulePruning"},
+    ]
+    model = {"num_hidden_layers": 2, "method": "svd", "rank": 4, "lr": 5e-3}
+    runs = {}
+    for name, nproc in (("one_svd", 1), ("three_svd", 3)):
+        config = _config(tmp_path, cache_dir, name, [*fedara, _save(tmp_path / f"{name}.pt")])
+        raw = yaml.safe_load(config.read_text())
+        raw["model"] = model
+        raw["trainer"]["max_epochs"] = 4
+        config.write_text(yaml.safe_dump(raw))
+        if nproc == 1:
+            cmd = [sys.executable, "-m", "lightning_fedpeft", "fit", "--config", str(config)]
+            proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        else:
+            proc = _torchrun(config, nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = (torch.load(tmp_path / f"{name}.pt"), _rounds(tmp_path, name))
+
+    (single, one_rows), (multi, three_rows) = runs["one_svd"], runs["three_svd"]
+    assert single.keys() == multi.keys()
+    for name in single:
+        assert single[name].shape == multi[name].shape, name
+        assert torch.allclose(single[name], multi[name], atol=1e-5, rtol=1e-4), name
+    ranks = [float(r["active_ranks"]) for r in three_rows]
+    assert ranks[0] == 48 and ranks[-1] == 6  # 12 modules x rank 4, down to 0.5 per module
+    assert ranks == [float(r["active_ranks"]) for r in one_rows]
+    assert [r["live_modules"] for r in three_rows] == [r["live_modules"] for r in one_rows]
+    assert float(three_rows[-1]["live_modules"]) < 12  # some modules were pruned, on every rank alike
+    assert [r["bytes_up"] for r in three_rows] == [r["bytes_up"] for r in one_rows]
+    assert int(three_rows[-1]["bytes_down"]) < int(three_rows[0]["bytes_down"])  # only active triplets travel
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
