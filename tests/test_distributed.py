@@ -144,6 +144,57 @@ def test_fedara_over_three_ranks_matches_the_one_process_simulator(tmp_path: Pat
     assert int(three_rows[-1]["bytes_down"]) < int(three_rows[0]["bytes_down"])  # only active triplets travel
 
 
+@pytest.mark.timeout(600)
+def test_fedadapter_over_three_ranks_matches_the_one_process_simulator(tmp_path: Path, cache_dir: str) -> None:
+    # Trial groups are planned on the server and trained on whichever ranks hold their clients; the
+    # decision, the grown adapters and the simulated clock must be the simulator's.
+    upgrade = {
+        "class_path": "lightning_fedpeft.fedadapter.ProgressiveUpgrade",
+        "init_args": {"start_depth": 0, "start_width": 8, "clients_per_group": 3, "window_rounds": 1},
+    }
+    runs = {}
+    for name, nproc in (("one_adapter", 1), ("three_adapter", 3)):
+        config = _config(
+            tmp_path,
+            cache_dir,
+            name,
+            [upgrade, _save(tmp_path / f"{name}.pt")],
+            clients_per_round=3,  # every rank trains at least one client per round
+            cost_model={"class_path": "lightning_fedpeft.cost.CostModel", "init_args": {"device": "tx2"}},
+        )
+        raw = yaml.safe_load(config.read_text())
+        raw["model"] |= {"depth": 0, "width": 8}
+        raw["data"]["num_clients"] = 12  # three trial groups of three distinct clients
+        raw["trainer"]["max_epochs"] = 4
+        config.write_text(yaml.safe_dump(raw))
+        if nproc == 1:
+            cmd = [sys.executable, "-m", "lightning_fedpeft", "fit", "--config", str(config)]
+            proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        else:
+            proc = _torchrun(config, nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (decisions,) = (tmp_path / name).rglob("decisions.csv")
+        with open(decisions) as fh:
+            runs[name] = (torch.load(tmp_path / f"{name}.pt"), _rounds(tmp_path, name), list(csv.DictReader(fh)))
+
+    (single, one_rows, one_dec), (multi, three_rows, three_dec) = runs["one_adapter"], runs["three_adapter"]
+    assert len(three_dec) >= 1 and len(three_dec) == len(one_dec)
+    for one, three in zip(one_dec, three_dec, strict=True):  # the clock: see the sim_time_h note below
+        assert float(one.pop("sim_time_h")) == pytest.approx(float(three.pop("sim_time_h")), rel=1e-3)
+        assert one == three
+    assert single.keys() == multi.keys()
+    for name in single:
+        assert single[name].shape == multi[name].shape, name
+        assert torch.allclose(single[name], multi[name], atol=1e-5, rtol=1e-4), name
+    assert {r["trial_depth"] for r in three_rows} >= {"0.0", "1.0"}  # more than one configuration trained
+    for one, three in zip(one_rows, three_rows, strict=True):
+        assert one["trial_depth"] == three["trial_depth"] and one["bytes_up"] == three["bytes_up"]
+        # Not to the float: each process counts a configuration's FLOPs on the first batch it trains with it
+        # and scales linearly by tokens (cost.py), so ranks whose first batches differ in length differ by
+        # the attention's quadratic share, about 1e-4 here.
+        assert float(one["sim_time_h"]) == pytest.approx(float(three["sim_time_h"]), rel=1e-3)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
