@@ -7,9 +7,13 @@ upload. This module turns what a simulated client actually did into those second
   layers that run, backward through the trainable top), counted with ``torch.utils.flop_counter.
   FlopCounterMode``, then ``overhead_s + flops / flops_per_s`` of the client's device profile. With the
   activation cache, a step runs only the layers above the frozen boundary, and a cache miss adds the
-  frozen bottom's forward for that example. Counts are taken once per configuration at the first batch's
-  shape and scaled by the number of tokens of later batches (the attention term, quadratic in the
-  sequence length, is a few percent at these lengths and is scaled linearly too).
+  frozen bottom's forward for that example. A transformer's FLOPs per example are a quadratic in the
+  sequence length (linear layers grow with it, attention with its square, pooler and head not at all),
+  so each configuration is counted on three one-example probes of fixed lengths and the quadratic
+  through them gives any batch's count exactly (a fourth, two-example probe splits off what a step costs
+  once whatever its batch, such as AdaLoRA's orthogonality penalty). The count so depends only on the
+  configuration and the batch's shape, never on which batch came first: every rank of a multi-rank run
+  gets the same clock.
 * **Communication**: bytes each way divided by the bandwidth (``bandwidth_mbps`` in MB/s, 1 MB = 1e6 B).
 
 Device profiles are in ``resources/devices.yaml`` (or a file of your own, same format). The TX2 profile
@@ -178,23 +182,26 @@ class CostModel:
             raise ValueError(f"cost_model.bandwidth_mbps={bandwidth_mbps} must be a positive number of MB/s")
         self.device = profiles[device]
         self.bandwidth_mbps = float(bandwidth_mbps)
-        self._counts: dict[tuple, tuple[float, float, int, int]] = {}
+        self._counts: dict[tuple, tuple[float, tuple[float, ...], tuple[float, ...]]] = {}
 
     def comm_seconds(self, nbytes: float) -> float:
         return nbytes / (self.bandwidth_mbps * MB)
 
     def step_flops(self, model: nn.Module, batch: Mapping[str, torch.Tensor], cached: bool) -> tuple[float, float]:
-        """``(step_flops, bottom_flops_per_example)`` for this batch (counted once per configuration).
-
-        The step scales with the batch's tokens, the per-example bottom with the sequence length.
-        """
+        """``(step_flops, bottom_flops_per_example)`` for this batch's shape (probed once per configuration)."""
         ids = batch["input_ids"]
         key = (_signature(model), cached)
         if key not in self._counts:
-            step, bottom = count_train_flops(model, batch, cached=cached)
-            self._counts[key] = (float(step), float(bottom), int(ids.numel()), int(ids.shape[1]))
-        step, bottom, ref_tokens, ref_len = self._counts[key]
-        return step * ids.numel() / ref_tokens, bottom * ids.shape[1] / ref_len
+            counts = [count_train_flops(model, _probe_batch(batch, n), cached=cached) for n in PROBE_LENGTHS]
+            # A second example at the first length separates what a step costs once (AdaLoRA's
+            # orthogonality penalty, on the weights alone) from what it costs per example.
+            twice, _ = count_train_flops(model, _probe_batch(batch, PROBE_LENGTHS[0], size=2), cached=cached)
+            once = 2.0 * counts[0][0] - twice
+            per_example = tuple(step - once for step, _ in counts)
+            self._counts[key] = once, per_example, tuple(float(b) for _, b in counts)
+        once, per_example, bottoms = self._counts[key]
+        batch_size, length = ids.shape
+        return once + batch_size * _through(per_example, length), _through(bottoms, length)
 
     def batch_seconds(self, model: nn.Module, batch: Mapping[str, torch.Tensor], cache: Any = None) -> float:
         """Device seconds of one training step on ``batch`` (plus cache fills, if the cache missed)."""
@@ -205,6 +212,39 @@ class CostModel:
         if cached and last.get("misses", 0):
             seconds += bottom * last["misses"] / self.device.flops_per_s
         return seconds
+
+
+# Sequence lengths of the three one-example probes a configuration is counted on (any three distinct
+# lengths give the same quadratic; short ones keep the counting cheap).
+PROBE_LENGTHS = (8, 16, 32)
+
+
+def _probe_batch(batch: Mapping[str, torch.Tensor], length: int, size: int = 1) -> dict[str, torch.Tensor]:
+    """``size`` examples of ``length`` tokens, shaped like ``batch`` (a real token id repeated, no padding)."""
+    ids = batch["input_ids"]
+    probe: dict[str, torch.Tensor] = {}
+    for name, value in batch.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != ids.shape[0]:
+            probe[name] = value
+        elif name == "attention_mask":
+            probe[name] = torch.ones(size, length, dtype=value.dtype, device=value.device)
+        elif value.dim() >= 2 and value.shape[1] == ids.shape[1]:  # per-token: ids, token types, token labels
+            probe[name] = value[:1, :1].expand(size, length, *value.shape[2:]).clone()
+        else:  # per-example: a class label
+            probe[name] = value[:1].expand(size, *value.shape[1:]).clone()
+    return probe
+
+
+def _through(counts: Sequence[float], length: int) -> float:
+    """The quadratic through ``(PROBE_LENGTHS[i], counts[i])``, at ``length`` (Lagrange form)."""
+    total = 0.0
+    for i, (xi, yi) in enumerate(zip(PROBE_LENGTHS, counts, strict=True)):
+        term = yi
+        for j, xj in enumerate(PROBE_LENGTHS):
+            if j != i:
+                term *= (length - xj) / (xi - xj)
+        total += term
+    return total
 
 
 def _signature(model: nn.Module) -> str:

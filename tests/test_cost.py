@@ -110,3 +110,30 @@ def test_a_cache_miss_costs_the_frozen_bottom_once_per_missed_example() -> None:
     _, bottom_one = count_train_flops(module.model, one, cached=True)
     assert bottom_one > 0
     assert filling - warm == pytest.approx(4 * bottom_one / cost.device.flops_per_s, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("method", "cached"), [("adapter", False), ("adapter", True), ("lora", False), ("svd", False), ("full", False)]
+)
+def test_a_batch_costs_what_counting_it_gives_whatever_batch_came_first(method: str, cached: bool) -> None:
+    # The count comes from probes of fixed lengths, so it is exact for any shape (attention's quadratic
+    # share included) and two clients that see batches in a different order get the same seconds.
+    torch.manual_seed(0)
+    settings = {"depth": 1, "width": 8, "activation_cache_mb": 8 if cached else None} if method == "adapter" else {}
+    module = FedPEFTModule(num_labels=3, num_hidden_layers=2, method=method, **settings)
+    batches = []
+    for size, length in ((3, 29), (2, 70), (5, 11)):
+        ids = torch.randint(1000, 5000, (size, length))
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(size) % 3})
+    forward, backward = CostModel("tx2"), CostModel("tx2")
+    seen_forward = [forward.step_flops(module.model, b, cached) for b in batches]
+    seen_backward = [backward.step_flops(module.model, b, cached) for b in reversed(batches)][::-1]
+    assert seen_forward == seen_backward
+    for batch, (step, bottom) in zip(batches, seen_forward, strict=True):
+        counted_step, counted_bottom = count_train_flops(module.model, batch, cached=cached)
+        assert step == pytest.approx(counted_step, rel=1e-9)
+        assert bottom == pytest.approx(counted_bottom, rel=1e-9)
+    # Attention's quadratic share is in it: a token costs more in a longer sequence (linear scaling from
+    # the first batch, the old rule, would price every token alike).
+    per_token = [step / batch["input_ids"].numel() for batch, (step, _) in zip(batches, seen_forward, strict=True)]
+    assert per_token[2] < per_token[0] < per_token[1]

@@ -179,9 +179,7 @@ def test_fedadapter_over_three_ranks_matches_the_one_process_simulator(tmp_path:
 
     (single, one_rows, one_dec), (multi, three_rows, three_dec) = runs["one_adapter"], runs["three_adapter"]
     assert len(three_dec) >= 1 and len(three_dec) == len(one_dec)
-    for one, three in zip(one_dec, three_dec, strict=True):  # the clock: see the sim_time_h note below
-        assert float(one.pop("sim_time_h")) == pytest.approx(float(three.pop("sim_time_h")), rel=1e-3)
-        assert one == three
+    assert one_dec == three_dec  # the simulated clock included
     assert single.keys() == multi.keys()
     for name in single:
         assert single[name].shape == multi[name].shape, name
@@ -189,10 +187,8 @@ def test_fedadapter_over_three_ranks_matches_the_one_process_simulator(tmp_path:
     assert {r["trial_depth"] for r in three_rows} >= {"0.0", "1.0"}  # more than one configuration trained
     for one, three in zip(one_rows, three_rows, strict=True):
         assert one["trial_depth"] == three["trial_depth"] and one["bytes_up"] == three["bytes_up"]
-        # Not to the float: each process counts a configuration's FLOPs on the first batch it trains with it
-        # and scales linearly by tokens (cost.py), so ranks whose first batches differ in length differ by
-        # the attention's quadratic share, about 1e-4 here.
-        assert float(one["sim_time_h"]) == pytest.approx(float(three["sim_time_h"]), rel=1e-3)
+        # FLOPs come from fixed probes, not from whichever batch a rank met first (cost.py): same clock.
+        assert float(one["sim_time_h"]) == pytest.approx(float(three["sim_time_h"]), rel=1e-9)
 
 
 def _free_port() -> int:
