@@ -157,7 +157,7 @@ def apply_peft(
     model: nn.Module,
     method: str,
     *,
-    depth: int = 6,
+    depth: int | None = None,
     width: int = 32,
     rank: int = 8,
     alpha: int = 16,
@@ -168,6 +168,7 @@ def apply_peft(
     """Wrap ``model`` with ``method`` and set ``requires_grad`` so that exactly the federated part trains.
 
     The classification head always trains. Returns the model to train (peft returns a wrapper).
+    ``depth=None`` (adapters, layer freezing) means every transformer layer.
     """
     if method not in PEFT_METHODS:
         raise ValueError(f"method={method!r} is not a known PEFT method; allowed: {', '.join(PEFT_METHODS)}")
@@ -176,6 +177,10 @@ def apply_peft(
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    if depth is None and method in ("freeze", "adapter"):
+        from lightning_fedpeft.tuners.adapter import find_transformer_layers
+
+        depth = len(find_transformer_layers(model))  # every layer, so a cut model needs no setting
     if method == "freeze":  # layer freezing: the top `depth` transformer layers and the head train
         from lightning_fedpeft.tuners.adapter import find_transformer_layers
 

@@ -27,7 +27,7 @@ class FedPEFTModule(pl.LightningModule):
         method: ``adapter`` | ``lora`` | ``svd`` | ``full`` | ``freeze`` (layer freezing: the top ``depth``
             transformer layers and the head train, everything below is frozen).
         depth: adapters: how many top layers get an adapter (the rest of the backbone is frozen);
-            freeze: how many top layers train.
+            freeze: how many top layers train. Default: every layer of the model, whatever its depth.
         width: adapters: bottleneck size.
         rank: lora/svd: rank of each adapted matrix.
         lora_alpha: lora/svd: scaling numerator (``lora_alpha / rank``).
@@ -52,7 +52,7 @@ class FedPEFTModule(pl.LightningModule):
         model_name_or_path: str = "minilm",
         num_labels: int = 2,
         method: PEFTMethod = "adapter",
-        depth: int = 6,
+        depth: int | None = None,
         width: int = 32,
         rank: int = 8,
         lora_alpha: int = 16,

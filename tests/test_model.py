@@ -44,6 +44,13 @@ def test_adapter_depth_picks_the_top_layers_and_freezes_the_rest() -> None:
     assert {n.split(".")[3] for n in names if "adapter" in n} == {"4", "5"}
 
 
+@pytest.mark.parametrize("method", ["adapter", "freeze"])
+def test_default_depth_is_every_layer_of_the_model_even_a_cut_one(method: str) -> None:
+    module = FedPEFTModule(num_labels=3, num_hidden_layers=2, method=method)
+    trained = {n.split(".")[3] for n, p in module.model.named_parameters() if p.requires_grad and ".layer." in n}
+    assert trained == {"0", "1"}
+
+
 @pytest.mark.parametrize("method", ["adapter", "lora", "svd", "full"])
 def test_trainable_state_round_trip(method: str) -> None:
     module = FedPEFTModule(num_labels=3, num_hidden_layers=2, method=method, depth=1, width=8, rank=2)
