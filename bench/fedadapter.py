@@ -14,9 +14,11 @@ Each method runs a fixed number of rounds (``--rounds``; simulated time is what 
 The target is 0.99 x the best validation accuracy any method reaches; the table gives the simulated
 hours each method needed to reach it ("not reached" if it did not within its rounds), and the same for a
 lower target that every method reaches (0.99 x the lowest final accuracy). A second part times one
-client's local round with and without the activation cache at depth 1 and 2 (wall clock, this machine).
+client's local round with and without the activation cache at depth 1 and 2 (wall clock, this machine),
+on MiniLM and on a 12-layer stand-in of MiniLM's width, beside the ratio of the FLOPs each path runs.
 
-    python bench/fedadapter.py --out bench/out/fedadapter     # about 30 minutes on 2 CPU cores
+    python bench/fedadapter.py --out bench/out/fedadapter     # about 35 minutes on 2 CPU cores
+    python bench/fedadapter.py --out bench/out/fedadapter_cache --cache-only   # the cache part alone
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
-from lightning_fedpeft.cost import CostModel
+from lightning_fedpeft.cost import CostModel, count_train_flops
 from lightning_fedpeft.fedadapter import ProgressiveUpgrade
+from lightning_fedpeft.models import resolve_model_path
 
 METHODS = {
     # name: (module kwargs, RoundSync kwargs)
@@ -115,48 +118,96 @@ def hours_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((h for h, acc in curve if acc >= target), None)
 
 
-def cache_ratio(args: argparse.Namespace) -> dict[int, dict[str, float]]:
-    """Wall clock of one client's local round (its batches, forward + backward + step), cached vs not."""
+def deep_stand_in(layers: int, folder: Path) -> str:
+    """A MiniLM-width model with ``layers`` layers, for timing only: the 6 pre-trained ones plus random ones.
+
+    The cache's ratio is set by how many layers it skips, not by the weights, so this shows what it
+    gives on a model as deep as the paper's 12-layer BERT-base without one being packaged here.
+    """
+    source = resolve_model_path("minilm")
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name != "config.json" and not (folder / item.name).exists():
+            (folder / item.name).symlink_to(item)
+    config = json.loads((source / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def cache_ratio(args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
+    """Wall clock of one client's local round (its batches, forward + backward + step), cached vs not.
+
+    Beside it, the FLOP ratio: the FLOPs autograd runs uncached over those it runs cached (fills aside),
+    the speed-up the arithmetic alone allows. The wall clock can beat it a little, because the frozen
+    layers the cache skips also run work FlopCounterMode does not count (dropout, softmax, layer norm).
+    """
     data = data_module(args)
     data.setup("fit")
     sizes = sorted(range(len(data.client_indices)), key=lambda c: -len(data.client_indices[c]))
     client = data.client_indices[sizes[len(sizes) // 2]]  # a median client
     batches = [data.collate([data.datasets["train"][i] for i in client[s : s + 16]]) for s in range(0, len(client), 16)]
-    out = {}
-    for depth in (1, 2):
-        times = {}
-        for cached in (False, True):
-            torch.manual_seed(0)
-            model = FedPEFTModule(
-                num_labels=data.num_labels,
-                method="adapter",
-                depth=depth,
-                width=8,
-                activation_cache_mb=4096 if cached else None,
-            )
-            opt = model.configure_optimizers()
+    rows = []
+    for layers in args.cache_layers:
+        path = "minilm" if layers == 6 else deep_stand_in(layers, out / f"minilm_{layers}_layers")
+        for depth in (1, 2):
+            times: dict[str, float] = {"layers": layers, "depth": depth}
+            for cached in (False, True):
+                torch.manual_seed(0)
+                model = FedPEFTModule(
+                    model_name_or_path=path,
+                    num_labels=data.num_labels,
+                    method="adapter",
+                    depth=depth,
+                    width=8,
+                    activation_cache_mb=4096 if cached else None,
+                )
+                opt = model.configure_optimizers()
+                flops, _ = count_train_flops(model.model, batches[0], cached=cached, through_lowest_layer=False)
+                times["flops_cached" if cached else "flops_uncached"] = flops
 
-            def client_round(model: FedPEFTModule = model, opt: torch.optim.Optimizer = opt) -> float:
-                t = time.perf_counter()
-                for batch in batches:
-                    loss = model.training_step(batch, 0)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                return time.perf_counter() - t
+                def client_round(model: FedPEFTModule = model, opt: torch.optim.Optimizer = opt) -> float:
+                    t = time.perf_counter()
+                    for batch in batches:
+                        loss = model.training_step(batch, 0)
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                    return time.perf_counter() - t
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model.log = lambda *a, **k: None  # training_step logs; there is no Trainer here
-                first = client_round()  # warm-up (and, cached, the cache fill)
-                runs = [client_round() for _ in range(args.repeats)]
-            times["cached" if cached else "uncached"] = statistics.median(runs)
-            if cached:
-                times["first_round_cached"] = first
-        times["ratio"] = times["uncached"] / times["cached"]
-        out[depth] = times
-        print(f"[cache] depth {depth}: {times}", flush=True)
-    return out
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model.log = lambda *a, **k: None  # training_step logs; there is no Trainer here
+                    first = client_round()  # warm-up (and, cached, the cache fill)
+                    runs = [client_round() for _ in range(args.repeats)]
+                times["cached" if cached else "uncached"] = statistics.median(runs)
+                if cached:
+                    times["first_round_cached"] = first
+            times["ratio"] = times["uncached"] / times["cached"]
+            times["flop_ratio"] = times["flops_uncached"] / times["flops_cached"]
+            rows.append(times)
+            print(f"[cache] {times}", flush=True)
+    return rows
+
+
+def cache_table(rows: list[dict[str, float]]) -> str:
+    lines = [
+        "| layers | depth | uncached client round (s) | cached (s) | ratio | FLOP ratio "
+        "| first cached round, with fill (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in rows:
+        cells = [
+            str(t["layers"]) + ("" if t["layers"] == 6 else " (stand-in)"),
+            str(t["depth"]),
+            f"{t['uncached']:.3f}",
+            f"{t['cached']:.3f}",
+            f"{t['ratio']:.2f}x",
+            f"{t['flop_ratio']:.2f}x",
+            f"{t['first_round_cached']:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(results: dict, target: float, path: Path) -> None:
@@ -190,6 +241,14 @@ def main() -> None:
     parser.add_argument("--window-rounds", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3, help="cache timing: timed client rounds per setting")
     parser.add_argument("--skip-cache", action="store_true")
+    parser.add_argument("--cache-only", action="store_true", help="time the activation cache only (cache.md/json)")
+    parser.add_argument(
+        "--cache-layers",
+        type=int,
+        nargs="+",
+        default=[6, 12],
+        help="cache timing: model depths; 6 is MiniLM, more is a MiniLM-width stand-in with random extra layers",
+    )
     parser.add_argument(
         "--reuse",
         help="results.json of an earlier run: its methods that are not in --methods join the table as they are",
@@ -208,11 +267,21 @@ def main() -> None:
         help="JSON: rounds per method",
     )
     args = parser.parse_args()
+    if min(args.cache_layers) < 6:
+        parser.error(f"--cache-layers {args.cache_layers}: each must be at least 6 (MiniLM's own depth)")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.cache_only:
+        cache = cache_ratio(args, out)
+        table = cache_table(cache)
+        print(table)
+        (out / "cache.json").write_text(json.dumps(cache, indent=1))
+        (out / "cache.md").write_text(table + "\n")
+        print(f"wrote {out}/cache.json, cache.md")
+        return
     results = {name: run_method(name, args) for name in args.methods}
     if args.reuse:
         earlier = json.loads(Path(args.reuse).read_text())["results"]
@@ -246,18 +315,11 @@ def main() -> None:
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
-    cache = {} if args.skip_cache else cache_ratio(args)
+    cache = [] if args.skip_cache else cache_ratio(args, out)
     if cache:
-        print("\n| depth | uncached client round (s) | cached (s) | ratio | first cached round, with fill (s) |")
-        print("|---|---|---|---|---|")
-        for depth, t in cache.items():
-            cells = [
-                f"{t['uncached']:.3f}",
-                f"{t['cached']:.3f}",
-                f"{t['ratio']:.2f}x",
-                f"{t['first_round_cached']:.3f}",
-            ]
-            print(f"| {depth} | " + " | ".join(cells) + " |")
+        print()
+        print(cache_table(cache))
+        (out / "cache.md").write_text(cache_table(cache) + "\n")
     plot(results, target, out / "fedadapter_tta.png")
     (out / "results.json").write_text(json.dumps({"results": results, "target": target, "cache": cache}, indent=1))
     (out / "table.md").write_text(table + "\n")

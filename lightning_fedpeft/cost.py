@@ -120,13 +120,22 @@ class _InputRequiresGrad:
         return (hidden, *args[1:])
 
 
-def count_train_flops(model: nn.Module, batch: Mapping[str, torch.Tensor], cached: bool = False) -> tuple[int, int]:
+def count_train_flops(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    cached: bool = False,
+    through_lowest_layer: bool = True,
+) -> tuple[int, int]:
     """FLOPs of one training step of ``model`` on ``batch`` as its parameters' ``requires_grad`` stand.
 
     Returns ``(step_flops, bottom_flops_per_example)``. With ``cached``, the step runs only the layers
     above the frozen boundary (the activation cache's path) and ``bottom_flops_per_example`` is the cost
     of computing one example's cache entry; otherwise it is 0. Gradients are taken with
     ``torch.autograd.grad`` and dropped, so the model's ``.grad`` and the RNG are left untouched.
+
+    ``through_lowest_layer`` (the cost model's rule, see below) counts backward down to the input of the
+    lowest trainable layer; ``False`` counts only what autograd itself runs, which is what a wall clock
+    on this machine sees (the activation-cache bench uses it for the ratio's ceiling).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     base, _, _, layers = encoder_parts(model)
@@ -138,7 +147,8 @@ def count_train_flops(model: nn.Module, batch: Mapping[str, torch.Tensor], cache
     # lowest layer's attention and feed-forward when only its adapter trains; the published table counts
     # that layer fully, and this rule makes the count independent of where in the layer the adapter sits.)
     leaf = _InputRequiresGrad()
-    handle = layers[lowest].register_forward_pre_hook(leaf) if 0 < lowest < len(layers) else None
+    hooked = through_lowest_layer and 0 < lowest < len(layers)
+    handle = layers[lowest].register_forward_pre_hook(leaf) if hooked else None
     counter = FlopCounterMode(display=False)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=[]))

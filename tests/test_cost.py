@@ -137,3 +137,17 @@ def test_a_batch_costs_what_counting_it_gives_whatever_batch_came_first(method: 
     # the first batch, the old rule, would price every token alike).
     per_token = [step / batch["input_ids"].numel() for batch, (step, _) in zip(batches, seen_forward, strict=True)]
     assert per_token[2] < per_token[0] < per_token[1]
+
+
+def test_counting_only_what_autograd_runs_skips_the_lowest_layers_input_gradients() -> None:
+    # The cost model prices backward down to the lowest trainable layer's input (the published table's
+    # rule); the cache bench's ceiling counts what autograd runs, which stops at the adapter.
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 5000, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+    adapter = FedPEFTModule(num_labels=3, num_hidden_layers=2, method="adapter", depth=1, width=8).model
+    priced, _ = count_train_flops(adapter, batch, cached=True)
+    run, _ = count_train_flops(adapter, batch, cached=True, through_lowest_layer=False)
+    assert 0 < run < priced
+    full = FedPEFTModule(num_labels=3, num_hidden_layers=2, method="full").model
+    assert count_train_flops(full, batch)[0] == count_train_flops(full, batch, through_lowest_layer=False)[0]
