@@ -76,21 +76,21 @@ def _torchrun(config: Path, nproc: int = 3) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
 
 
+def _fit(config: Path, nproc: int) -> subprocess.CompletedProcess:
+    """``fedpeft fit`` in one process (the simulator) or under torchrun on ``nproc`` ranks; must succeed."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "lightning_fedpeft", "fit", "--config", str(config)]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    else:
+        proc = _torchrun(config, nproc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.timeout(600)
 def test_three_ranks_match_the_one_process_simulator(tmp_path: Path, cache_dir: str) -> None:
-    one = _config(tmp_path, cache_dir, "one", [_save(tmp_path / "one.pt")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_fedpeft", "fit", "--config", str(one)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    three = _config(tmp_path, cache_dir, "three", [_save(tmp_path / "three.pt")])
-    proc = _torchrun(three)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _fit(_config(tmp_path, cache_dir, "one", [_save(tmp_path / "one.pt")]), 1)
+    proc = _fit(_config(tmp_path, cache_dir, "three", [_save(tmp_path / "three.pt")]), 3)
     assert "test accuracy" in proc.stdout
 
     single, multi = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "three.pt")
@@ -122,12 +122,7 @@ def test_fedara_over_three_ranks_matches_the_one_process_simulator(tmp_path: Pat
         raw["model"] = model
         raw["trainer"]["max_epochs"] = 4
         config.write_text(yaml.safe_dump(raw))
-        if nproc == 1:
-            cmd = [sys.executable, "-m", "lightning_fedpeft", "fit", "--config", str(config)]
-            proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-        else:
-            proc = _torchrun(config, nproc)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _fit(config, nproc)
         runs[name] = (torch.load(tmp_path / f"{name}.pt"), _rounds(tmp_path, name))
 
     (single, one_rows), (multi, three_rows) = runs["one_svd"], runs["three_svd"]
@@ -167,12 +162,7 @@ def test_fedadapter_over_three_ranks_matches_the_one_process_simulator(tmp_path:
         raw["data"]["num_clients"] = 12  # three trial groups of three distinct clients
         raw["trainer"]["max_epochs"] = 4
         config.write_text(yaml.safe_dump(raw))
-        if nproc == 1:
-            cmd = [sys.executable, "-m", "lightning_fedpeft", "fit", "--config", str(config)]
-            proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-        else:
-            proc = _torchrun(config, nproc)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _fit(config, nproc)
         (decisions,) = (tmp_path / name).rglob("decisions.csv")
         with open(decisions) as fh:
             runs[name] = (torch.load(tmp_path / f"{name}.pt"), _rounds(tmp_path, name), list(csv.DictReader(fh)))
