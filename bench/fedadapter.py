@@ -210,6 +210,14 @@ def cache_table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def write_cache(rows: list[dict[str, float]], out: Path) -> None:
+    table = cache_table(rows)
+    print("\n" + table)
+    (out / "cache.json").write_text(json.dumps(rows, indent=1))
+    (out / "cache.md").write_text(table + "\n")
+    print(f"wrote {out}/cache.json, cache.md")
+
+
 def plot(results: dict, target: float, path: Path) -> None:
     import matplotlib
 
@@ -267,6 +275,8 @@ def main() -> None:
         help="JSON: rounds per method",
     )
     args = parser.parse_args()
+    if args.cache_only and args.skip_cache:
+        parser.error("--cache-only and --skip-cache contradict each other: give one of them")
     if min(args.cache_layers) < 6:
         parser.error(f"--cache-layers {args.cache_layers}: each must be at least 6 (MiniLM's own depth)")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -275,12 +285,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.cache_only:
-        cache = cache_ratio(args, out)
-        table = cache_table(cache)
-        print(table)
-        (out / "cache.json").write_text(json.dumps(cache, indent=1))
-        (out / "cache.md").write_text(table + "\n")
-        print(f"wrote {out}/cache.json, cache.md")
+        write_cache(cache_ratio(args, out), out)
         return
     results = {name: run_method(name, args) for name in args.methods}
     if args.reuse:
@@ -315,13 +320,10 @@ def main() -> None:
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
-    cache = [] if args.skip_cache else cache_ratio(args, out)
-    if cache:
-        print()
-        print(cache_table(cache))
-        (out / "cache.md").write_text(cache_table(cache) + "\n")
+    if not args.skip_cache:
+        write_cache(cache_ratio(args, out), out)
     plot(results, target, out / "fedadapter_tta.png")
-    (out / "results.json").write_text(json.dumps({"results": results, "target": target, "cache": cache}, indent=1))
+    (out / "results.json").write_text(json.dumps({"results": results, "target": target}, indent=1))
     (out / "table.md").write_text(table + "\n")
     print(f"wrote {out}/results.json, table.md, fedadapter_tta.png")
 

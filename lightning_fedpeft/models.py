@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_fedpeft.tuners.adapter import AdapterConfig, find_transformer_layers, inject_adapters
+
 PEFTMethod = Literal["adapter", "lora", "svd", "full", "freeze"]
 PEFT_METHODS: tuple[str, ...] = ("adapter", "lora", "svd", "full", "freeze")
 
@@ -177,13 +179,9 @@ def apply_peft(
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if depth is None and method in ("freeze", "adapter"):
-        from lightning_fedpeft.tuners.adapter import find_transformer_layers
-
+    if method in ("freeze", "adapter") and depth is None:
         depth = len(find_transformer_layers(model))  # every layer, so a cut model needs no setting
     if method == "freeze":  # layer freezing: the top `depth` transformer layers and the head train
-        from lightning_fedpeft.tuners.adapter import find_transformer_layers
-
         layers = find_transformer_layers(model)
         if not 0 <= depth <= len(layers):
             raise ValueError(f"depth={depth} is outside the model's layers: allowed 0..{len(layers)}")
@@ -195,8 +193,6 @@ def apply_peft(
             model.get_submodule(name).requires_grad_(True)
         return model
     if method == "adapter":
-        from lightning_fedpeft.tuners.adapter import AdapterConfig, inject_adapters
-
         for p in model.parameters():
             p.requires_grad_(False)
         injection = inject_adapters(model, AdapterConfig(depth=depth, width=width))

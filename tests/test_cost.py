@@ -141,7 +141,7 @@ def test_a_batch_costs_what_counting_it_gives_whatever_batch_came_first(method: 
 
 def test_counting_only_what_autograd_runs_skips_the_lowest_layers_input_gradients() -> None:
     # The cost model prices backward down to the lowest trainable layer's input (the published table's
-    # rule); the cache bench's ceiling counts what autograd runs, which stops at the adapter.
+    # rule); the cache bench's FLOP ratio counts what autograd runs, which stops at the adapter.
     torch.manual_seed(0)
     ids = torch.randint(1000, 5000, (2, 12))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
