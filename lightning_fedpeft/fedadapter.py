@@ -291,7 +291,8 @@ class ProgressiveUpgrade(Callback):
         candidates: which of ``shallow``, ``deeper``, ``wider`` each window tries.
         window_s: ``T0``, in simulated seconds (paper: 60-100 s for BERT-base on a TX2). If unset,
             ``window_rounds`` rounds of the starting configuration.
-        window_rounds: sets ``T0`` when ``window_s`` is unset (4: the paper's T0 over its per-round cost).
+        window_rounds: sets ``T0`` when ``window_s`` is unset, in rounds of the start configuration (4: the
+            paper's T0 over its uncached depth-0 round; docs/fedadapter.md gives the other readings).
         max_val_batches: validation batches used to score candidates (``None``: the whole split).
     """
 
