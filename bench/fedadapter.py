@@ -44,8 +44,6 @@ from lightning_fedpeft.cost import CostModel, count_train_flops
 from lightning_fedpeft.fedadapter import ProgressiveUpgrade
 from lightning_fedpeft.models import resolve_model_path
 
-ADAPTER_METHODS = ("fedadapter", "adapter_d2w16", "adapter_d6w32")  # trained to the common --horizon-h
-
 METHODS = {
     # name: (module kwargs, RoundSync kwargs)
     "fedadapter": ({"method": "adapter", "depth": 0, "width": 8, "lr": 5e-3, "activation_cache_mb": 4096}, {}),
@@ -55,6 +53,8 @@ METHODS = {
     "adapter_d2w16": ({"method": "adapter", "depth": 2, "width": 16, "lr": 5e-3, "activation_cache_mb": 4096}, {}),
     "adapter_d6w32": ({"method": "adapter", "depth": 6, "width": 32, "lr": 5e-3}, {}),
 }
+# The methods that train to the common --horizon-h: every adapter method, FedAdapter included.
+ADAPTER_METHODS = tuple(name for name, (module_kwargs, _) in METHODS.items() if module_kwargs["method"] == "adapter")
 
 
 class StopAtSimHours(pl.Callback):
@@ -115,7 +115,7 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
         def clock() -> float:
             return sync.sim_time_s / 3600.0
 
-    if name in ADAPTER_METHODS and args.horizon_h is not None:
+    if name in ADAPTER_METHODS:
         callbacks.append(StopAtSimHours(args.horizon_h, clock))
     trainer = pl.Trainer(
         max_epochs=rounds,
@@ -320,7 +320,7 @@ def main() -> None:
         help="simulated hours every adapter method trains for (default: 24 rounds of d6w32, 1.94 s each)",
     )
     args = parser.parse_args()
-    if args.horizon_h is not None and not args.horizon_h > 0:
+    if not args.horizon_h > 0:
         parser.error(f"--horizon-h {args.horizon_h}: give a positive number of simulated hours")
     if args.cache_only and args.skip_cache:
         parser.error("--cache-only and --skip-cache contradict each other: give one of them")
@@ -341,21 +341,18 @@ def main() -> None:
     best = max(acc for r in results.values() for _, acc in r["curve"])
     floor = min(max(acc for _, acc in r["curve"]) for r in results.values())
     target, low_target = 0.99 * best, 0.99 * floor
-    rows = []
-    for name, r in results.items():
-        hours, low_hours = hours_to(r["curve"], target), hours_to(r["curve"], low_target)
-        ran = r.get("sim_hours", r["curve"][-1][0])  # results.json of runs before sim_hours was kept
-        rows.append((name, r["rounds"], max(a for _, a in r["curve"]), r["round_s"], ran, hours, low_hours))
-    ran_h = {name: ran for name, _, _, _, ran, _, _ in rows}
-    ref = {name: (h, lh) for name, *_, h, lh in rows}
+    # Per method: simulated hours to each target (None: not reached) and simulated hours it ran.
+    reach = {name: (hours_to(r["curve"], target), hours_to(r["curve"], low_target)) for name, r in results.items()}
+    # results.json of runs before sim_hours was kept: the last evaluated point's clock.
+    ran_h = {name: r.get("sim_hours", r["curve"][-1][0]) for name, r in results.items()}
 
     def fmt(h: float | None) -> str:
         return "not reached" if h is None else f"{h:.4f}"
 
     def speedup(name: str, i: int) -> str:
-        if "fedadapter" not in ref or name == "fedadapter":
+        if "fedadapter" not in reach or name == "fedadapter":
             return ""
-        mine, other = ref["fedadapter"][i], ref[name][i]
+        mine, other = reach["fedadapter"][i], reach[name][i]
         if mine is not None and other is not None:
             return f"{other / mine:.1f}x"
         if mine is not None:  # the baseline ran ran_h[name] without reaching it: it needs longer
@@ -371,16 +368,16 @@ def main() -> None:
         "| FedAdapter speed-up | hours to low target | FedAdapter speed-up |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, n, acc, round_s, ran, h, lh in rows:
+    for name, r in results.items():
         cells = [
             name,
-            str(n),
-            f"{acc:.4f}",
-            f"{round_s:.2f}",
-            f"{ran:.4f}",
-            fmt(h),
+            str(r["rounds"]),
+            f"{max(a for _, a in r['curve']):.4f}",
+            f"{r['round_s']:.2f}",
+            f"{ran_h[name]:.4f}",
+            fmt(reach[name][0]),
             speedup(name, 0),
-            fmt(lh),
+            fmt(reach[name][1]),
             speedup(name, 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
