@@ -78,6 +78,14 @@ class Strategy:
         """Values to log with the round just aggregated (the server adds them to the round's record)."""
         return {}
 
+    def may_stop(self) -> bool:
+        """Whether a run may end after the round just aggregated (e.g. on a simulated-time budget).
+
+        A strategy whose work spans several rounds (FedAdapter's trial groups) says no in the middle of it,
+        so that a stop never throws away trials whose outcome was not decided yet.
+        """
+        return True
+
 
 class FedAvg(Strategy):
     """Sample-weighted federated averaging (McMahan et al., 2017) over the trainable state only.

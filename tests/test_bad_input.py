@@ -64,3 +64,13 @@ def test_unknown_peft_method() -> None:
 def test_depth_larger_than_the_model() -> None:
     with pytest.raises(ValueError, match=r"depth=3 is outside the model's layers: allowed 0\.\.2"):
         FedPEFTModule(num_hidden_layers=2, method="adapter", depth=3)
+
+
+def test_max_sim_hours_needs_a_cost_model_and_a_positive_budget() -> None:
+    from lightning_fedpeft.cost import CostModel
+
+    with pytest.raises(ValueError, match=r"max_sim_hours needs a simulated clock: set federation\.cost_model"):
+        RoundSync(clients_per_round=2, max_sim_hours=0.01)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"federation\.max_sim_hours=.* must be a positive number of hours"):
+            RoundSync(clients_per_round=2, cost_model=CostModel("tx2"), max_sim_hours=bad)

@@ -151,3 +151,24 @@ def test_counting_only_what_autograd_runs_skips_the_lowest_layers_input_gradient
     assert 0 < run < priced
     full = FedPEFTModule(num_labels=3, num_hidden_layers=2, method="full").model
     assert count_train_flops(full, batch)[0] == count_train_flops(full, batch, through_lowest_layer=False)[0]
+
+
+def test_max_sim_hours_ends_fit_after_the_round_that_reaches_it(stackoverflow, trainer_factory) -> None:
+    data = stackoverflow(num_clients=6, max_train_examples=96, max_val_examples=32, max_test_examples=32)
+
+    def fit(max_sim_hours: float | None) -> list[dict]:
+        pl.seed_everything(0)
+        model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method="adapter", depth=2, width=8)
+        sync = RoundSync(clients_per_round=2, seed=0, cost_model=CostModel("tx2", 1.0), max_sim_hours=max_sim_hours)
+        trainer = trainer_factory(max_epochs=5, callbacks=[sync], limit_val_batches=0)
+        trainer.fit(model, datamodule=data)
+        return sync.history
+
+    clock = [row["sim_time_h"] for row in fit(None)]
+    assert len(clock) == 5
+    # A budget inside round 2 (0-based): that round still finishes, and nothing runs after it.
+    budget = (clock[1] + clock[2]) / 2
+    history = fit(budget)
+    assert [row["round"] for row in history] == [0, 1, 2]
+    assert history[-2]["sim_time_h"] < budget <= history[-1]["sim_time_h"]
+    assert [row["sim_time_h"] for row in history] == pytest.approx(clock[:3])

@@ -181,6 +181,31 @@ def test_fedadapter_over_three_ranks_matches_the_one_process_simulator(tmp_path:
         assert float(one["sim_time_h"]) == pytest.approx(float(three["sim_time_h"]), rel=1e-9)
 
 
+@pytest.mark.timeout(600)
+def test_a_simulated_time_budget_ends_every_rank_after_the_same_round(tmp_path: Path, cache_dir: str) -> None:
+    # Only the server knows the simulated clock; the client ranks learn that the run ends with the global
+    # state they fetch. A client rank that missed it would wait for a round 1 that never opens and fail.
+    config = _config(
+        tmp_path,
+        cache_dir,
+        "budget",
+        [_save(tmp_path / "budget.pt")],
+        cost_model={"class_path": "lightning_fedpeft.cost.CostModel", "init_args": {"device": "tx2"}},
+        max_sim_hours=1e-9,  # spent by the first round
+        wait_timeout_s=120,
+    )
+    raw = yaml.safe_load(config.read_text())
+    raw["trainer"]["max_epochs"] = 4
+    config.write_text(yaml.safe_dump(raw))
+    start = time.monotonic()
+    proc = _fit(config, 3)
+    assert time.monotonic() - start < 240
+    assert "test accuracy" in proc.stdout
+    rows = _rounds(tmp_path, "budget")
+    assert [int(r["round"]) for r in rows] == [0] and float(rows[0]["sim_time_h"]) >= 1e-9
+    assert (tmp_path / "budget.pt").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

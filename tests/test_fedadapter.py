@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -221,3 +222,23 @@ def test_progressive_upgrade_runs_and_its_state_rides_in_the_checkpoint(
     assert upgrade2.strategy.config == upgrade.strategy.config
     assert upgrade2.strategy.clock_s == upgrade.strategy.clock_s
     assert model2.adapter_config == model.adapter_config
+
+
+def test_a_simulated_time_budget_ends_fedadapter_only_at_a_decision(stackoverflow, trainer_factory) -> None:
+    # The budget is spent after the first round, but the window's other trial groups still train and
+    # the winner is chosen before fit ends: a stop mid-window would drop trials with no decision.
+    pl.seed_everything(0)
+    data = stackoverflow(num_clients=12, max_train_examples=240, max_val_examples=64, max_test_examples=64)
+    model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method="adapter", depth=2, lr=5e-3)
+    sync = RoundSync(clients_per_round=2, seed=0, cost_model=CostModel("tx2", 1.0), max_sim_hours=1e-9)
+    upgrade = ProgressiveUpgrade(clients_per_group=2, window_rounds=1, start_depth=0, start_width=8)
+    trainer = trainer_factory(max_epochs=20, callbacks=[sync, upgrade], limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    assert len(upgrade.decisions) == 1
+    # Every trial of the window ran its rounds (at depth 0 the candidates are the current and the deeper).
+    trial_rounds = [int(n) for n in re.findall(r": (\d+) rounds", upgrade.decisions[0].trials)]
+    assert len(trial_rounds) >= 2 and len(sync.history) == sum(trial_rounds) > 1
+    assert len({(row["trial_depth"], row["trial_width"]) for row in sync.history}) == len(trial_rounds)
+    assert "decision_val_acc" in sync.history[-1]
+    assert all("decision_val_acc" not in row for row in sync.history[:-1])
+    assert sync.history[-1]["sim_time_h"] == pytest.approx(upgrade.decisions[0].sim_time_h)

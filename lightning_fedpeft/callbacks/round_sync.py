@@ -29,6 +29,7 @@ from lightning_fedpeft.cost import CostModel, round_seconds
 from lightning_fedpeft.launchers import EmbeddedLauncher, RoundChannel, RoundTicket
 from lightning_fedpeft.launchers.rpc import MODES, RPCLauncher, distributed_env
 from lightning_fedpeft.rounds import ClientSegment, RoundBatchSampler, client_seed
+from lightning_fedpeft.server import RoundRecord
 from lightning_fedpeft.state import COMPRESSIONS, compress, load_trainable_state, trainable_state
 from lightning_fedpeft.strategy import ClientUpdate, FedAvg, Strategy
 
@@ -74,6 +75,10 @@ class RoundSync(Callback):
             int8 size).
         launcher: where the server lives and which clients this process hosts. Default: torch.distributed
             RPC when ``WORLD_SIZE`` > 1 is set (torchrun), else this process hosts the server and all clients.
+        max_sim_hours: if set (needs ``cost_model``), end ``fit`` after the first round at which the simulated
+            clock ``sim_time_h`` reaches this many hours, on every process alike, so methods can be compared
+            at equal simulated time; ``trainer.max_epochs`` stays a cap. A strategy that runs multi-round
+            trials (FedAdapter) ends only at a decision, so its last window may pass the budget.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class RoundSync(Callback):
         launcher: RoundChannel | None = None,
         cost_model: CostModel | None = None,
         compression: str = "none",
+        max_sim_hours: float | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -131,6 +137,15 @@ class RoundSync(Callback):
                 launcher = EmbeddedLauncher()
         if compression not in COMPRESSIONS:
             raise ValueError(f"federation.compression={compression!r} is unknown; allowed: {', '.join(COMPRESSIONS)}")
+        if max_sim_hours is not None:
+            if cost_model is None:
+                raise ValueError(
+                    "federation.max_sim_hours needs a simulated clock: set federation.cost_model (e.g. "
+                    "{class_path: lightning_fedpeft.cost.CostModel, init_args: {device: tx2}}) or drop max_sim_hours"
+                )
+            if not (math.isfinite(max_sim_hours) and max_sim_hours > 0):
+                raise ValueError(f"federation.max_sim_hours={max_sim_hours} must be a positive number of hours")
+        self.max_sim_hours = max_sim_hours
         self.cost_model = cost_model
         self.compression = compression
         self.mode = mode
@@ -285,6 +300,7 @@ class RoundSync(Callback):
         # After any checkpoint restore, so a resumed run continues from the saved global model.
         initial = trainable_state(pl_module)
         self._reference = initial if self.compression != "none" else None
+        self.launcher.stop_rule = self._budget_spent if self.max_sim_hours is not None else None
         self.launcher.start(self.strategy, self._num_clients, initial)
 
     # -- a round --------------------------------------------------------------------------------------
@@ -402,8 +418,7 @@ class RoundSync(Callback):
                     row[key] = int(sum(m.get(key, 0.0) for m in clients))
             if self.cost_model is not None:
                 row["sim_round_s"] = round_seconds(clients)
-                # A strategy that runs trials side by side keeps its own clock (extras["sim_time_s"]).
-                self.sim_time_s = float(record.extras.get("sim_time_s", self.sim_time_s + row["sim_round_s"]))
+                self.sim_time_s = self._clock_after(record)
                 row["sim_time_h"] = self.sim_time_s / 3600.0
             for key in sorted(self._hook_metrics):
                 values = [m[key] for m in clients if key in m]
@@ -413,6 +428,16 @@ class RoundSync(Callback):
             if record.missing or record.rejected or record.late:
                 row["missing_clients"] = " ".join(map(str, record.missing))
                 row["rejected_clients"] = " ".join(map(str, record.rejected))
+        if self.launcher.final_round == self._ticket.round:
+            # The server's stop rule ended the run with this round; every process stops after it alike.
+            trainer.should_stop = True
+            if self.launcher.is_server:
+                log.info(
+                    "round %d: simulated clock %.4f h reached federation.max_sim_hours=%s; fit ends",
+                    self._ticket.round,
+                    self.sim_time_s / 3600.0,
+                    self.max_sim_hours,
+                )
         row["train_time_s"] = time.perf_counter() - self._t_open
         self._pending = row
         pl_module.log("round", float(row["round"]), on_step=False, on_epoch=True)
@@ -420,6 +445,17 @@ class RoundSync(Callback):
             pl_module.log(f"round_{key}", float(row[key]), on_step=False, on_epoch=True)
         if "sim_time_h" in row:
             pl_module.log("sim_time_h", float(row["sim_time_h"]), on_step=False, on_epoch=True)
+
+    def _clock_after(self, record: RoundRecord) -> float:
+        """The simulated clock (seconds) once ``record``'s round is counted (server side)."""
+        # A strategy that runs trials side by side keeps its own clock (extras["sim_time_s"]).
+        fallback = self.sim_time_s + round_seconds(list(record.client_metrics.values()))
+        return float(record.extras.get("sim_time_s", fallback))
+
+    def _budget_spent(self, record: RoundRecord) -> bool:
+        """The launcher's stop rule: the round just closed used up ``max_sim_hours``."""
+        assert self.max_sim_hours is not None
+        return self.strategy.may_stop() and self._clock_after(record) >= self.max_sim_hours * 3600.0
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._round_open:  # the epoch stopped early (e.g. max_steps): still aggregate what was trained

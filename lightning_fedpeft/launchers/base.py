@@ -9,6 +9,7 @@ global state they start from), ``submit`` (one client's update), ``end_round`` (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lightning_fedpeft.server import RoundRecord
@@ -31,6 +32,11 @@ class RoundChannel:
 
     rank: int = 0
     world_size: int = 1
+    # Set by RoundSync before start(): called by the server on each closed round's record; True ends the
+    # run after that round on every process (the client processes learn it with the new global state).
+    stop_rule: Callable[[RoundRecord], bool] | None = None
+    # The round after which the server ended the run, once a process knows it (see ``stop_rule``).
+    final_round: int | None = None
 
     @property
     def is_server(self) -> bool:
@@ -50,7 +56,10 @@ class RoundChannel:
         raise NotImplementedError
 
     def end_round(self, round_idx: int) -> tuple[TrainableState, RoundRecord | None]:
-        """Wait for the round to close; the new global state and, on the server, the round's record."""
+        """Wait for the round to close; the new global state and, on the server, the round's record.
+
+        If the server's ``stop_rule`` ended the run with this round, ``final_round`` is ``round_idx`` after it.
+        """
         raise NotImplementedError
 
     def shutdown(self) -> None:

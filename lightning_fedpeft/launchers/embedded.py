@@ -30,4 +30,8 @@ class EmbeddedLauncher(RoundChannel):
     def end_round(self, round_idx: int) -> tuple[TrainableState, RoundRecord | None]:
         assert self.server is not None
         state = self.server.close_round()
-        return state, self.server.record
+        record = self.server.record
+        assert record is not None
+        if self.stop_rule is not None and self.stop_rule(record):
+            self.final_round = round_idx
+        return state, record

@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch.distributed.rpc as rpc
@@ -58,6 +59,7 @@ class _RoundState:
     opened_at: float
     instructions: dict[int, dict]
     closed_state: TrainableState | None = None
+    final: bool = False  # the server's stop rule ended the run with this round
     fetched: set[int] = field(default_factory=set)  # ranks that collected the closed round's global state
 
 
@@ -82,6 +84,7 @@ class ServerEndpoint:
         self.last_seen: dict[int, float] = {r: time.monotonic() for r in range(world_size)}
         self.rpc_bytes = {"up": 0, "down": 0}
         self._logged_bytes = {"up": 0, "down": 0}
+        self.stop_rule: Callable[[RoundRecord], bool] | None = None
 
     # -- liveness ------------------------------------------------------------------------------------
     def _touch(self, rank: int) -> None:
@@ -164,10 +167,12 @@ class ServerEndpoint:
                     break
                 self.cond.wait(timeout=min(left, 0.5))
             new_state = self.server.close_round()
-            state.closed_state = new_state
-            self.cond.notify_all()
             record = self.server.record
             assert record is not None
+            # Decided before the state is published, so every rank learns it with the state it fetches.
+            state.final = bool(self.stop_rule is not None and self.stop_rule(record))
+            state.closed_state = new_state
+            self.cond.notify_all()
             # What actually crossed the wire (client ranks only; rank 0's own clients use no RPC) since the
             # last close, and the seconds client ranks spent in transfers that carried data.
             record.extras["rpc_bytes_up"] = self.rpc_bytes["up"] - self._logged_bytes["up"]
@@ -176,7 +181,8 @@ class ServerEndpoint:
             self._logged_bytes = dict(self.rpc_bytes)
             return new_state, record
 
-    def fetch_global(self, rank: int, round_idx: int) -> TrainableState | None:
+    def fetch_global(self, rank: int, round_idx: int) -> tuple[TrainableState, bool] | None:
+        """The closed round's global state and whether the run ends with it; ``None`` while still open."""
         with self.cond:
             self._touch(rank)
             state = self.rounds.get(round_idx)
@@ -185,7 +191,7 @@ class ServerEndpoint:
             self.rpc_bytes["down"] += state_nbytes(state.closed_state)
             state.fetched.add(rank)
             self.cond.notify_all()
-            return state.closed_state
+            return state.closed_state, state.final
 
     def wait_for_clients_to_finish(self, timeout_s: float) -> None:
         """Before the server goes away: let every live rank collect the last round's global state."""
@@ -214,7 +220,7 @@ def _remote_submit(rank: int, update: ClientUpdate) -> bool:
     return _ENDPOINT.submit(rank, update)
 
 
-def _remote_fetch_global(rank: int, round_idx: int) -> TrainableState | None:
+def _remote_fetch_global(rank: int, round_idx: int) -> tuple[TrainableState, bool] | None:
     assert _ENDPOINT is not None, "this process hosts no server"
     return _ENDPOINT.fetch_global(rank, round_idx)
 
@@ -289,6 +295,7 @@ class RPCLauncher(RoundChannel):
             self.endpoint = ServerEndpoint(
                 server, self.world_size, self.mode, self.round_deadline_s, self.liveness_timeout_s
             )
+            self.endpoint.stop_rule = self.stop_rule
             _ENDPOINT = self.endpoint
         if not self._started:
             options = rpc.TensorPipeRpcBackendOptions(
@@ -352,9 +359,14 @@ class RPCLauncher(RoundChannel):
     def end_round(self, round_idx: int) -> tuple[TrainableState, RoundRecord | None]:
         if self.rank == 0:
             assert self.endpoint is not None
-            return self.endpoint.close_when_ready(round_idx)
-        state = self._poll(_remote_fetch_global, round_idx, "close")
-        return state, None
+            new_state, record = self.endpoint.close_when_ready(round_idx)
+            if self.endpoint.rounds[round_idx].final:
+                self.final_round = round_idx
+            return new_state, record
+        new_state, final = self._poll(_remote_fetch_global, round_idx, "close")
+        if final:
+            self.final_round = round_idx
+        return new_state, None
 
     def shutdown(self) -> None:
         global _ENDPOINT
