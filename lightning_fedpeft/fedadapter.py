@@ -118,7 +118,6 @@ class TrialGroupStrategy(Strategy):
         self.results: dict[int, TrainableState] = {}
         self.decisions: list[Decision] = []
         self._extras: dict[str, float] = {}
-        self._decided = False  # whether the round just aggregated closed a window
 
     @property
     def groups(self) -> int:
@@ -186,7 +185,6 @@ class TrialGroupStrategy(Strategy):
         self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
     ) -> TrainableState:
         trial = self.trials[self.phase]
-        self._decided = False
         new_state = self._fedavg.aggregate(round_idx, global_state, updates)
         measured = round_seconds([u.metrics for u in updates])
         trial.elapsed_s += measured if measured > 0 else trial.cost_s
@@ -232,7 +230,6 @@ class TrialGroupStrategy(Strategy):
             sim_time_h=self.clock_s / 3600.0,
         )
         self.decisions.append(decision)
-        self._decided = True
         log.info(
             "FedAdapter window %d: %s wins -> (d=%d, w=%d), val_acc %.4f",
             self.window,
@@ -253,8 +250,9 @@ class TrialGroupStrategy(Strategy):
         return extras
 
     def may_stop(self) -> bool:
-        # Only at a window's end: the clock then is the decided one, and no trial is left half done.
-        return self._decided
+        # Only at a window's end: the clock then is the decided one, and no trial is left half done. A
+        # decision opens the next window at once, so "just decided" is "no trial of this window ran yet".
+        return self.phase == 0 and not any(t.done for t in self.trials)
 
     # -- checkpointing --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ class RoundRecord:
     extras: dict[str, float] = field(default_factory=dict)  # what a launcher or algorithm adds to the log
     bytes_down: int = 0
     bytes_up: int = 0
+    final: bool = False  # the server's stop rule ended the run with this round
 
     @property
     def missing(self) -> list[int]:
@@ -40,11 +42,18 @@ class RoundRecord:
 
 
 class FederatedServer:
-    """Holds the global trainable state and runs rounds with a :class:`Strategy`."""
+    """Holds the global trainable state and runs rounds with a :class:`Strategy`.
 
-    def __init__(self, strategy: Strategy, num_clients: int) -> None:
+    ``stop_rule``, if given, is asked about every closed round's record; ``True`` marks the record
+    ``final``: the run ends after that round (e.g. RoundSync's simulated-time budget).
+    """
+
+    def __init__(
+        self, strategy: Strategy, num_clients: int, stop_rule: Callable[[RoundRecord], bool] | None = None
+    ) -> None:
         self.strategy = strategy
         self.num_clients = num_clients
+        self.stop_rule = stop_rule
         self.global_state: TrainableState = {}
         self.plan: RoundPlan | None = None
         self.record: RoundRecord | None = None
@@ -124,6 +133,7 @@ class FederatedServer:
         updates = sorted(self._updates, key=lambda u: u.client_id)
         self.global_state = self.strategy.aggregate(self.record.round, self.global_state, updates)
         self.record.extras.update(self.strategy.round_extras())
+        self.record.final = self.stop_rule is not None and self.stop_rule(self.record)
         self._updates = []
         self.plan = None
         return self.global_state

@@ -197,9 +197,7 @@ def test_a_simulated_time_budget_ends_every_rank_after_the_same_round(tmp_path: 
     raw = yaml.safe_load(config.read_text())
     raw["trainer"]["max_epochs"] = 4
     config.write_text(yaml.safe_dump(raw))
-    start = time.monotonic()
-    proc = _fit(config, 3)
-    assert time.monotonic() - start < 240
+    proc = _fit(config, 3)  # a rank left waiting fails within wait_timeout_s instead of hanging
     assert "test accuracy" in proc.stdout
     rows = _rounds(tmp_path, "budget")
     assert [int(r["round"]) for r in rows] == [0] and float(rows[0]["sim_time_h"]) >= 1e-9

@@ -32,8 +32,8 @@ class RoundChannel:
 
     rank: int = 0
     world_size: int = 1
-    # Set by RoundSync before start(): called by the server on each closed round's record; True ends the
-    # run after that round on every process (the client processes learn it with the new global state).
+    # Set by RoundSync before start() and handed to the FederatedServer (see its ``stop_rule``); a final
+    # round ends the run on every process (client processes learn it with the new global state).
     stop_rule: Callable[[RoundRecord], bool] | None = None
     # The round after which the server ended the run, once a process knows it (see ``stop_rule``).
     final_round: int | None = None

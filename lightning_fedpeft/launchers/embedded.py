@@ -15,7 +15,7 @@ class EmbeddedLauncher(RoundChannel):
         self.server: FederatedServer | None = None
 
     def start(self, strategy: Strategy, num_clients: int, initial_state: TrainableState) -> None:
-        self.server = FederatedServer(strategy, num_clients)
+        self.server = FederatedServer(strategy, num_clients, self.stop_rule)
         self.server.initialize(initial_state)
 
     def begin_round(self, round_idx: int) -> RoundTicket:
@@ -32,6 +32,6 @@ class EmbeddedLauncher(RoundChannel):
         state = self.server.close_round()
         record = self.server.record
         assert record is not None
-        if self.stop_rule is not None and self.stop_rule(record):
+        if record.final:
             self.final_round = round_idx
         return state, record

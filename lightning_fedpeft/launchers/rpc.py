@@ -32,7 +32,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch.distributed.rpc as rpc
@@ -59,7 +58,7 @@ class _RoundState:
     opened_at: float
     instructions: dict[int, dict]
     closed_state: TrainableState | None = None
-    final: bool = False  # the server's stop rule ended the run with this round
+    final: bool = False  # the closed round's record is final: the run ends with it
     fetched: set[int] = field(default_factory=set)  # ranks that collected the closed round's global state
 
 
@@ -84,7 +83,6 @@ class ServerEndpoint:
         self.last_seen: dict[int, float] = {r: time.monotonic() for r in range(world_size)}
         self.rpc_bytes = {"up": 0, "down": 0}
         self._logged_bytes = {"up": 0, "down": 0}
-        self.stop_rule: Callable[[RoundRecord], bool] | None = None
 
     # -- liveness ------------------------------------------------------------------------------------
     def _touch(self, rank: int) -> None:
@@ -169,8 +167,8 @@ class ServerEndpoint:
             new_state = self.server.close_round()
             record = self.server.record
             assert record is not None
-            # Decided before the state is published, so every rank learns it with the state it fetches.
-            state.final = bool(self.stop_rule is not None and self.stop_rule(record))
+            # Set before the state is published, so every rank learns it with the state it fetches.
+            state.final = record.final
             state.closed_state = new_state
             self.cond.notify_all()
             # What actually crossed the wire (client ranks only; rank 0's own clients use no RPC) since the
@@ -290,12 +288,11 @@ class RPCLauncher(RoundChannel):
     def start(self, strategy: Strategy, num_clients: int, initial_state: TrainableState) -> None:
         global _ENDPOINT
         if self.rank == 0:
-            server = FederatedServer(strategy, num_clients)
+            server = FederatedServer(strategy, num_clients, self.stop_rule)
             server.initialize(initial_state)
             self.endpoint = ServerEndpoint(
                 server, self.world_size, self.mode, self.round_deadline_s, self.liveness_timeout_s
             )
-            self.endpoint.stop_rule = self.stop_rule
             _ENDPOINT = self.endpoint
         if not self._started:
             options = rpc.TensorPipeRpcBackendOptions(
@@ -360,7 +357,7 @@ class RPCLauncher(RoundChannel):
         if self.rank == 0:
             assert self.endpoint is not None
             new_state, record = self.endpoint.close_when_ready(round_idx)
-            if self.endpoint.rounds[round_idx].final:
+            if record.final:
                 self.final_round = round_idx
             return new_state, record
         new_state, final = self._poll(_remote_fetch_global, round_idx, "close")
