@@ -372,6 +372,11 @@ class RPCLauncher(RoundChannel):
             return
         if self.rank == 0 and self.endpoint is not None:
             self.endpoint.wait_for_clients_to_finish(self.wait_timeout_s)
+        if self._beat is not None:
+            # A heartbeat still inside rpc_sync when the agent shuts down aborts the process ("terminate
+            # called without an active exception"), so wait for it; once the server is gone it fails fast.
+            self._beat.join(timeout=self.heartbeat_s * 5 + 1)
+            self._beat = None
         # Not graceful: a graceful shutdown is a barrier over every rank, which a dead rank would hang.
         # Nothing is in flight by now: clients only ever call the server, and the server has waited for
         # every live client to collect the final state.
