@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_fedpeft import FedPEFTModule, RoundSync
+from lightning_fedpeft.cost import CostModel
 from lightning_fedpeft.state import state_nbytes
 
 
@@ -49,3 +50,21 @@ def test_three_rounds_beat_chance_on_held_out_data(stackoverflow, trainer_factor
     with open(Path(trainer.log_dir) / "metrics.csv") as fh:
         logged = list(csv.DictReader(fh))
     assert any(r.get("round_bytes_up") for r in logged) and any(r.get("val_acc") for r in logged)
+
+
+def test_the_last_round_is_evaluated_whatever_eval_every(stackoverflow, trainer_factory) -> None:
+    data = stackoverflow(num_clients=6, max_train_examples=96, max_val_examples=32, max_test_examples=32)
+
+    def evaluated(max_epochs: int, eval_every: int, **sync_kwargs: object) -> tuple[list[int], list[int]]:
+        pl.seed_everything(0)
+        model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method="adapter", depth=1, width=8)
+        sync = RoundSync(clients_per_round=2, seed=0, eval_every=eval_every, **sync_kwargs)
+        trainer = trainer_factory(max_epochs=max_epochs, callbacks=[sync])
+        trainer.fit(model, datamodule=data)
+        assert trainer.check_val_every_n_epoch == eval_every  # the schedule is back for later fits
+        return [r["round"] for r in sync.history], [r["round"] for r in sync.history if "val_acc" in r]
+
+    # max_epochs=3 with eval_every=2: round 1 on schedule, round 2 because it is the last.
+    assert evaluated(3, 2) == ([0, 1, 2], [1, 2])
+    # A simulated-time budget spent in round 0 ends the run there, and that round is evaluated.
+    assert evaluated(4, 10, cost_model=CostModel("tx2", 1.0), max_sim_hours=1e-12) == ([0], [0])

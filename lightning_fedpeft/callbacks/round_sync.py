@@ -59,7 +59,8 @@ class RoundSync(Callback):
             ``client_indices`` itself (then it must be left unset or equal to their number).
         local_epochs: passes each participant makes over its local data.
         local_steps: if set, the exact number of local steps per participant (overrides ``local_epochs``).
-        eval_every: evaluate the global model on the validation split every this many rounds.
+        eval_every: evaluate the global model on the validation split every this many rounds, and after
+            the last round (``trainer.max_epochs`` or ``max_sim_hours``) whatever its number.
         strategy: the server strategy; default sample-weighted ``FedAvg``.
         seed: seeds the choice of participants, the local shuffles and each client's dropout.
         mode: with several processes: ``simulation`` (the round's virtual clients are dealt to the ranks)
@@ -165,6 +166,7 @@ class RoundSync(Callback):
         self._client_losses: list[float] = []
         self._t_open = 0.0
         self._pending: dict[str, Any] | None = None
+        self._validate_now = False  # the round just closed is evaluated (every eval_every rounds, and the last)
         self._client_sim_s = 0.0
         self._received: dict[str, torch.Tensor] = {}  # the global state as the round's clients receive it
         self._down_bytes = 0
@@ -439,12 +441,23 @@ class RoundSync(Callback):
                     self.max_sim_hours,
                 )
         row["train_time_s"] = time.perf_counter() - self._t_open
+        # The run's last round is evaluated too, so the logged curve ends at the model fit returns.
+        self._validate_now = (row["round"] + 1) % self.eval_every == 0 or self._is_last_round(trainer)
+        if self._validate_now:
+            trainer.check_val_every_n_epoch = 1  # Lightning reads it after this batch, still in this epoch
         self._pending = row
         pl_module.log("round", float(row["round"]), on_step=False, on_epoch=True)
         for key in ("train_loss", "bytes_up", "bytes_down", "train_time_s"):
             pl_module.log(f"round_{key}", float(row[key]), on_step=False, on_epoch=True)
         if "sim_time_h" in row:
             pl_module.log("sim_time_h", float(row["sim_time_h"]), on_step=False, on_epoch=True)
+
+    def _is_last_round(self, trainer: pl.Trainer) -> bool:
+        assert self._ticket is not None
+        if self.launcher.final_round == self._ticket.round:
+            return True
+        max_epochs = trainer.max_epochs
+        return max_epochs is not None and max_epochs > 0 and self._ticket.round == max_epochs - 1
 
     def _clock_after(self, record: RoundRecord) -> float:
         """The simulated clock (seconds) once ``record``'s round is counted (server side)."""
@@ -462,12 +475,16 @@ class RoundSync(Callback):
             if self._client is not None:
                 self._finish_client(pl_module)
             self._close_round(trainer, pl_module)
+            # Lightning's validation point of this epoch has passed: only a scheduled one may have run.
+            assert self._pending is not None
+            self._validate_now = (self._pending["round"] + 1) % self.eval_every == 0
         if self._pending is None:
             return
         row = self._pending
         self._pending = None
         row["round_time_s"] = time.perf_counter() - self._t_open  # includes the evaluation, if any
-        if (row["round"] + 1) % self.eval_every == 0:
+        trainer.check_val_every_n_epoch = self.eval_every
+        if self._validate_now:
             for key in ("val_acc", "val_f1", "val_loss"):
                 value = trainer.callback_metrics.get(key)
                 if value is not None:
