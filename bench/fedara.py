@@ -20,6 +20,12 @@ Every round is scored on the whole 1,000-example dev split by default, so the ro
 reaches a target is exact; a second table gives the ratio at several targets (``--target-fractions``).
 
     python bench/fedara.py --out bench/out/fedara      # about 80 minutes on 2 CPU cores
+
+Single runs differ by more than the margins they measure, so ``--combine`` reads the ``results.json`` of
+runs with other ``--seed`` values (which also change the client partition) and reports each run's
+verdict beside the same tables computed on the round-by-round mean over the seeds:
+
+    python bench/fedara.py --combine bench/out/s0/results.json bench/out/s1/results.json --out bench/out/seeds
 """
 
 from __future__ import annotations
@@ -172,6 +178,61 @@ def target_table(results: dict, fractions: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
+def mean_over_seeds(runs_by_seed: Sequence[dict]) -> dict:
+    """One results dict whose every (alpha, method) run is the round-by-round mean of the seeds' runs.
+
+    Per alpha, the runs are those of the files that hold that alpha, and only the methods that every one
+    of them ran are kept (so both sides of a ratio average the same seeds), cut to the fewest rounds. A
+    round's numbers (accuracy, cumulative bytes, step time, ...) are averaged over the seeds that logged
+    them; ``best`` and ``final`` are those of the mean curve, not means of each seed's best, so a single
+    lucky evaluation cannot set the target.
+    """
+    merged: dict = {}
+    for alpha in sorted({a for r in runs_by_seed for a in r}):
+        holding = [r[alpha] for r in runs_by_seed if alpha in r]
+        for method in sorted(set.intersection(*(set(h) for h in holding))):
+            seeds = [h[method]["rows"] for h in holding]
+            rows = []
+            for i in range(min(len(s) for s in seeds)):
+                row = {}
+                for k in sorted({k for s in seeds for k in s[i]}):
+                    values = [s[i][k] for s in seeds if k in s[i]]
+                    row[k] = sum(values) / len(values)
+                rows.append(row)
+            accs = [r["val_acc"] for r in rows if "val_acc" in r]
+            merged.setdefault(alpha, {})[method] = {
+                "rows": rows,
+                "best": max(accs),
+                "final": accs[-1],
+                "total_bytes": rows[-1]["bytes"],
+                "seeds": len(seeds),
+            }
+    return merged
+
+
+def seed_table(runs_by_seed: Sequence[tuple[str, dict]], goal: float) -> str:
+    """Per seed and alpha: both bests, LoRA's bytes over FedARA's at 0.99 x the lower best, and the verdict."""
+    lines = [
+        "| alpha | run | LoRA best | FedARA best | target | LoRA MB | FedARA MB | LoRA / FedARA | goal met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for alpha in sorted({a for _, r in runs_by_seed for a in r}):
+        for name, results in runs_by_seed:
+            runs = results.get(alpha, {})
+            if not {"lora", "fedara"} <= set(runs):
+                continue
+            lora, ara = runs["lora"], runs["fedara"]
+            target = 0.99 * min(r["best"] for r in runs.values())
+            lb, fb = bytes_to(lora["rows"], target), bytes_to(ara["rows"], target)
+            ratio = lb / fb if (lb and fb) else float("nan")
+            met = ratio >= goal and ara["best"] >= lora["best"]
+            lines.append(
+                f"| {alpha} | {name} | {lora['best']:.4f} | {ara['best']:.4f} | {target:.4f} | "
+                f"{lb / 1e6:.1f} | {fb / 1e6:.1f} | {ratio:.2f}x | {'yes' if met else 'no'} |"
+            )
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -201,6 +262,32 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def load(path: Path) -> dict:
+    return {float(a): r for a, r in json.loads(path.read_text()).items()}
+
+
+def combine(paths: Sequence[Path], out: Path, args: argparse.Namespace) -> None:
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--combine: no such results.json: {', '.join(missing)} (run the bench with --out first)")
+    runs = [(str(p.parent.name), load(p)) for p in paths]
+    merged = mean_over_seeds([r for _, r in runs])
+    if not merged:
+        raise SystemExit("--combine: the files hold no run (run the bench with --out first)")
+    out.mkdir(parents=True, exist_ok=True)
+    text = f"Each run on its own (goal: LoRA / FedARA >= {args.goal}x at equal or better best accuracy):\n\n"
+    text += seed_table(runs, args.goal)
+    counts = ", ".join(f"alpha {a}: {next(iter(m.values()))['seeds']}" for a, m in merged.items())
+    text += f"\n\nThe round-by-round mean over the files that ran each alpha (runs: {counts}):\n\n"
+    text += seed_table([("mean", merged)], args.goal) + "\n\n" + table(merged)
+    text += "\n\nLoRA MB / this method's MB to reach each target, on the mean curves:\n\n"
+    text += target_table(merged, args.target_fractions)
+    (out / "seeds.md").write_text(text + "\n")
+    (out / "mean_results.json").write_text(json.dumps({str(a): r for a, r in merged.items()}, indent=1))
+    plot(merged, out / "fedara_mean.png")
+    print(text)
 
 
 def main() -> None:
@@ -238,13 +325,24 @@ def main() -> None:
         help="targets of the second table, as fractions of the lowest best accuracy (the first table uses 0.99)",
     )
     parser.add_argument("--reuse", help="a results.json of an earlier run: its finished (alpha, method) runs are kept")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="train nothing: read these results.json files (one run per seed) and report each seed's verdict and "
+        "the tables of the round-by-round mean over them",
+    )
+    parser.add_argument("--goal", type=float, default=2.4, help="the LoRA / FedARA bytes ratio the issue asks for")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.combine:
+        combine([Path(p) for p in args.combine], out, args)
+        return
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results: dict = {}
     if args.reuse:  # finished runs of an earlier (perhaps interrupted) invocation are kept, not re-run
-        results = {float(a): r for a, r in json.loads(Path(args.reuse).read_text()).items()}
+        results = load(Path(args.reuse))
     for alpha in args.alphas:
         for method in args.methods:
             if method in results.get(alpha, {}):
