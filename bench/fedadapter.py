@@ -19,7 +19,13 @@ it, and the same for a lower target that every method reaches (0.99 x the lowest
 only one of FedAdapter and a baseline reached a target, the speed-up is a bound: ``>x`` if the baseline
 ran ``x`` times FedAdapter's time-to-target without reaching it, ``<x`` the other way round. A second part times one
 client's local round with and without the activation cache at depth 1 and 2 (wall clock, this machine),
-on MiniLM and on a 12-layer stand-in of MiniLM's width, beside the ratio of the FLOPs each path runs.
+on MiniLM (6 layers) and MPNet (12 layers, BERT-base scale; the ``mpnet`` packages, see the README), beside
+the ratio of the FLOPs each path runs.
+
+A second table gives the hours to several targets (``--target-fractions`` x the best accuracy), and
+``--model mpnet`` runs every method on the 12-layer model instead (give it a ``--horizon-h`` of its own;
+docs/results.md has the command used). ``--methods`` with no names and ``--reuse FILE`` recomputes the
+tables and plot of an earlier run without training.
 
     python bench/fedadapter.py --out bench/out/fedadapter     # about 65 minutes on 2 CPU cores
     python bench/fedadapter.py --out bench/out/fedadapter_cache --cache-only   # the cache part alone
@@ -37,6 +43,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from transformers import AutoConfig
 
 from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
 from lightning_fedpeft.cost import CostModel, count_train_flops
@@ -56,9 +63,10 @@ METHODS = {
 ADAPTER_METHODS = tuple(name for name, (module_kwargs, _) in METHODS.items() if module_kwargs["method"] == "adapter")
 
 
-def data_module(args: argparse.Namespace) -> FederatedTextDataModule:
+def data_module(args: argparse.Namespace, model: str = "minilm") -> FederatedTextDataModule:
     return FederatedTextDataModule(
         corpus="20NG",
+        tokenizer=model,
         max_length=64,
         num_clients=100,
         partitioner="dirichlet",
@@ -72,9 +80,9 @@ def data_module(args: argparse.Namespace) -> FederatedTextDataModule:
 def run_method(name: str, args: argparse.Namespace) -> dict:
     module_kwargs, sync_kwargs = METHODS[name]
     pl.seed_everything(args.seed, verbose=False)
-    data = data_module(args)
+    data = data_module(args, model=args.model)
     data.setup("fit")
-    model = FedPEFTModule(num_labels=data.num_labels, **module_kwargs)
+    model = FedPEFTModule(model_name_or_path=args.model, num_labels=data.num_labels, **module_kwargs)
     cost = CostModel("tx2", bandwidth_mbps=args.bandwidth)
     rounds = args.rounds[name]
     # The adapter methods end at the common horizon (RoundSync's simulated-time budget; FedAdapter only
@@ -141,21 +149,43 @@ def hours_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((h for h, acc in curve if acc >= target), None)
 
 
-def deep_stand_in(layers: int, folder: Path) -> str:
-    """A MiniLM-width model with ``layers`` layers, for timing only: the 6 pre-trained ones plus random ones.
+def speedup_cell(mine: float | None, other: float | None, mine_ran: float, other_ran: float) -> str:
+    """FedAdapter's speed-up against a baseline at one target: ``other / mine``, or a bound where one side
+    never reached it (``>x``: the baseline ran x times FedAdapter's time without arriving)."""
+    if mine is not None and other is not None:
+        return f"{other / mine:.1f}x"
+    if mine is not None:
+        return f">{other_ran / mine:.1f}x"
+    if other is not None:
+        return f"<{other / mine_ran:.1f}x"
+    return ""
 
-    The cache's ratio is set by how many layers it skips, not by the weights, so this shows what it
-    gives on a model as deep as the paper's 12-layer BERT-base without one being packaged here.
+
+def target_table(results: dict, fractions: list[float]) -> str:
+    """Simulated hours to several targets (``fraction`` x the best accuracy of any method), FedAdapter's
+    speed-up beside each baseline's hours.
+
+    One target says little where the curves are close at the top and single evaluations swing by a few
+    points: a row of targets shows where along the run FedAdapter gains and loses its lead.
     """
-    source = resolve_model_path("minilm")
-    folder.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        if item.name != "config.json" and not (folder / item.name).exists():
-            (folder / item.name).symlink_to(item)
-    config = json.loads((source / "config.json").read_text())
-    config["num_hidden_layers"] = layers
-    (folder / "config.json").write_text(json.dumps(config))
-    return str(folder)
+    best = max(acc for r in results.values() for _, acc in r["curve"])
+    ran = {name: r.get("sim_hours", r["curve"][-1][0]) for name, r in results.items()}
+    others = [name for name in results if name != "fedadapter"]
+    lines = [
+        "| target | fedadapter (h) | " + " | ".join(f"{n} (h, FedAdapter speed-up)" for n in others) + " |",
+        "|---|---|" + "---|" * len(others),
+    ]
+    for f in fractions:
+        goal = f * best
+        mine = hours_to(results["fedadapter"]["curve"], goal) if "fedadapter" in results else None
+        cells = [f"{f:.2f} x best = {goal:.3f}", "not reached" if mine is None else f"{mine:.4f}"]
+        for name in others:
+            other = hours_to(results[name]["curve"], goal)
+            hours = "not reached" if other is None else f"{other:.4f}"
+            cell = speedup_cell(mine, other, ran.get("fedadapter", 0.0), ran[name]) if "fedadapter" in results else ""
+            cells.append(f"{hours} ({cell})" if cell else hours)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def cache_ratio(args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
@@ -165,20 +195,21 @@ def cache_ratio(args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
     the speed-up the arithmetic alone allows. The wall clock can beat it a little, because the frozen
     layers the cache skips also run work FlopCounterMode does not count (dropout, softmax, layer norm).
     """
-    data = data_module(args)
-    data.setup("fit")
-    sizes = sorted(range(len(data.client_indices)), key=lambda c: -len(data.client_indices[c]))
-    client = data.client_indices[sizes[len(sizes) // 2]]  # a median client
-    batches = [data.collate([data.datasets["train"][i] for i in client[s : s + 16]]) for s in range(0, len(client), 16)]
     rows = []
-    for layers in args.cache_layers:
-        path = "minilm" if layers == 6 else deep_stand_in(layers, out / f"minilm_{layers}_layers")
+    for name in args.cache_models:
+        data = data_module(args, model=name)  # the same client's texts, in this model's tokens
+        data.setup("fit")
+        sizes = sorted(range(len(data.client_indices)), key=lambda c: -len(data.client_indices[c]))
+        client = data.client_indices[sizes[len(sizes) // 2]]  # a median client
+        train = data.datasets["train"]
+        batches = [data.collate([train[i] for i in client[s : s + 16]]) for s in range(0, len(client), 16)]
+        layers = AutoConfig.from_pretrained(resolve_model_path(name), local_files_only=True).num_hidden_layers
         for depth in (1, 2):
-            times: dict[str, float] = {"layers": layers, "depth": depth}
+            times: dict[str, float | str] = {"model": name, "layers": layers, "depth": depth}
             for cached in (False, True):
                 torch.manual_seed(0)
                 model = FedPEFTModule(
-                    model_name_or_path=path,
+                    model_name_or_path=name,
                     num_labels=data.num_labels,
                     method="adapter",
                     depth=depth,
@@ -189,7 +220,9 @@ def cache_ratio(args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
                 flops, _ = count_train_flops(model.model, batches[0], cached=cached, through_lowest_layer=False)
                 times["flops_cached" if cached else "flops_uncached"] = flops
 
-                def client_round(model: FedPEFTModule = model, opt: torch.optim.Optimizer = opt) -> float:
+                def client_round(
+                    model: FedPEFTModule = model, opt: torch.optim.Optimizer = opt, batches: list = batches
+                ) -> float:
                     t = time.perf_counter()
                     for batch in batches:
                         loss = model.training_step(batch, 0)
@@ -215,13 +248,14 @@ def cache_ratio(args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
 
 def cache_table(rows: list[dict[str, float]]) -> str:
     lines = [
-        "| layers | depth | uncached client round (s) | cached (s) | ratio | FLOP ratio "
+        "| model | layers | depth | uncached client round (s) | cached (s) | ratio | FLOP ratio "
         "| first cached round, with fill (s) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t in rows:
         cells = [
-            str(t["layers"]) + ("" if t["layers"] == 6 else " (stand-in)"),
+            t.get("model", "minilm"),
+            str(t["layers"]),
             str(t["depth"]),
             f"{t['uncached']:.3f}",
             f"{t['cached']:.3f}",
@@ -264,8 +298,27 @@ def plot(results: dict, target: float, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/out/fedadapter")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=list(METHODS),
+        choices=list(METHODS),
+        help="methods to train; none (with --reuse) only recomputes the tables and plot",
+    )
+    parser.add_argument(
+        "--target-fractions",
+        nargs="+",
+        type=float,
+        default=[0.8, 0.9, 0.95, 0.97, 0.99],
+        help="second table: targets as fractions of the best accuracy of any method",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model",
+        default="minilm",
+        help="model every method trains: a packaged alias (minilm, mpnet) or a local folder; "
+        "--horizon-h's default is sized for minilm",
+    )
     parser.add_argument("--bandwidth", type=float, default=1.0, help="MB/s")
     parser.add_argument("--val-examples", type=int, default=500)
     parser.add_argument("--eval-every", type=int, default=2)
@@ -274,11 +327,10 @@ def main() -> None:
     parser.add_argument("--skip-cache", action="store_true")
     parser.add_argument("--cache-only", action="store_true", help="time the activation cache only (cache.md/json)")
     parser.add_argument(
-        "--cache-layers",
-        type=int,
+        "--cache-models",
         nargs="+",
-        default=[6, 12],
-        help="cache timing: model depths; 6 is MiniLM, more is a MiniLM-width stand-in with random extra layers",
+        default=["minilm", "mpnet"],
+        help="cache timing: packaged models to time (minilm: 6 layers; mpnet: 12 layers, BERT-base scale)",
     )
     parser.add_argument(
         "--reuse",
@@ -306,10 +358,20 @@ def main() -> None:
     args = parser.parse_args()
     if not args.horizon_h > 0:
         parser.error(f"--horizon-h {args.horizon_h}: give a positive number of simulated hours")
+    if not args.methods and not (args.reuse or args.cache_only):
+        parser.error("--methods is empty: name methods to train, or give --reuse to recompute an earlier run's tables")
     if args.cache_only and args.skip_cache:
         parser.error("--cache-only and --skip-cache contradict each other: give one of them")
-    if min(args.cache_layers) < 6:
-        parser.error(f"--cache-layers {args.cache_layers}: each must be at least 6 (MiniLM's own depth)")
+    try:
+        resolve_model_path(args.model)
+    except ValueError as err:
+        parser.error(f"--model {args.model}: {err}")
+    if not (args.skip_cache and not args.cache_only):
+        for name in args.cache_models:
+            try:  # before any training: a missing package must not cost a run's results
+                resolve_model_path(name)
+            except ValueError as err:
+                parser.error(f"--cache-models {name}: {err}; or leave {name} out of --cache-models")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(args.out)
@@ -336,14 +398,7 @@ def main() -> None:
     def speedup(name: str, i: int) -> str:
         if "fedadapter" not in reach or name == "fedadapter":
             return ""
-        mine, other = reach["fedadapter"][i], reach[name][i]
-        if mine is not None and other is not None:
-            return f"{other / mine:.1f}x"
-        if mine is not None:  # the baseline ran ran_h[name] without reaching it: it needs longer
-            return f">{ran_h[name] / mine:.1f}x"
-        if other is not None:  # FedAdapter ran ran_h["fedadapter"] without reaching it
-            return f"<{other / ran_h['fedadapter']:.1f}x"
-        return ""
+        return speedup_cell(reach["fedadapter"][i], reach[name][i], ran_h["fedadapter"], ran_h[name])
 
     lines = [
         f"target = 0.99 x best = {target:.4f}; low target = 0.99 x lowest best = {low_target:.4f}",
@@ -365,7 +420,9 @@ def main() -> None:
             speedup(name, 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    table = (
+        "\n".join(lines) + "\n\nSimulated hours to several targets:\n\n" + target_table(results, args.target_fractions)
+    )
     print(table)
     if not args.skip_cache:
         write_cache(cache_ratio(args, out), out)
