@@ -91,3 +91,19 @@ def test_pieces_that_do_not_join_into_a_zip_are_reported(tmp_path: Path, monkeyp
     with pytest.raises(ValueError, match="not a zip file: reinstall"):
         model.folder()
     assert not (tmp_path / "cache" / "models" / "tiny-model").exists()
+
+
+def test_model_name_or_path_resolves_a_packaged_split_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_fedpeft import packaged
+    from lightning_fedpeft.models import resolve_model_path
+
+    fake = _fake_split_model(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(packaged.PACKAGED_MODELS, "mpnet", fake)
+    assert resolve_model_path("mpnet") == tmp_path / "cache" / "models" / "tiny-model"
+    for piece in fake.pieces():
+        piece.unlink()
+    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "elsewhere"))  # not unpacked there, pieces gone
+    with pytest.raises(ValueError, match=r"model_name_or_path='tiny'.*not on disk"):
+        resolve_model_path("mpnet")
