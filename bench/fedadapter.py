@@ -91,7 +91,7 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
     if name == "fedadapter":
         sync = RoundSync(clients_per_round=5, seed=args.seed, cost_model=cost, eval_every=10**6, **sync_kwargs)
         upgrade = ProgressiveUpgrade(
-            start_depth=0, start_width=8, clients_per_group=5, window_rounds=args.window_rounds
+            start_depth=args.start_depth, start_width=8, clients_per_group=5, window_rounds=args.window_rounds
         )
         callbacks = [sync, upgrade]
         limit_val = 0
@@ -323,6 +323,7 @@ def main() -> None:
     parser.add_argument("--val-examples", type=int, default=500)
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--window-rounds", type=float, default=4.0)
+    parser.add_argument("--start-depth", type=int, default=0, help="FedAdapter's starting depth (paper: 0, or 1)")
     parser.add_argument("--repeats", type=int, default=3, help="cache timing: timed client rounds per setting")
     parser.add_argument("--skip-cache", action="store_true")
     parser.add_argument("--cache-only", action="store_true", help="time the activation cache only (cache.md/json)")
