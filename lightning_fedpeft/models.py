@@ -142,7 +142,7 @@ class MeanPooledHead(nn.Module):
 
     This mirrors mean pooling on BERT, where the pooler's dense + tanh give way to the mean and the head is
     one linear layer (FedAdapter's head too). Keeping the 768 x 768 dense layer would make MPNet's head
-    30 times larger than its smallest adapters, and every client would ship it every round.
+    45 times the size of one width-8 adapter (590 K against 13 K parameters), shipped every round.
     """
 
     def __init__(self, out_proj: nn.Linear, dropout: nn.Module, pooler: MaskedMeanPooler) -> None:
