@@ -43,7 +43,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from transformers import AutoConfig
 
 from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
 from lightning_fedpeft.cost import CostModel, count_train_flops
@@ -149,6 +148,11 @@ def hours_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((h for h, acc in curve if acc >= target), None)
 
 
+def hours_run(result: dict) -> float:
+    """Simulated hours a method ran (results.json of runs before ``sim_hours`` was kept: the last point's clock)."""
+    return result.get("sim_hours", result["curve"][-1][0])
+
+
 def speedup_cell(mine: float | None, other: float | None, mine_ran: float, other_ran: float) -> str:
     """FedAdapter's speed-up against a baseline at one target: ``other / mine``, or a bound where one side
     never reached it (``>x``: the baseline ran x times FedAdapter's time without arriving)."""
@@ -168,8 +172,9 @@ def target_table(results: dict, fractions: list[float]) -> str:
     One target says little where the curves are close at the top and single evaluations swing by a few
     points: a row of targets shows where along the run FedAdapter gains and loses its lead.
     """
+    if "fedadapter" not in results:
+        return "(no fedadapter run: no speed-ups to give)"
     best = max(acc for r in results.values() for _, acc in r["curve"])
-    ran = {name: r.get("sim_hours", r["curve"][-1][0]) for name, r in results.items()}
     others = [name for name in results if name != "fedadapter"]
     lines = [
         "| target | fedadapter (h) | " + " | ".join(f"{n} (h, FedAdapter speed-up)" for n in others) + " |",
@@ -177,12 +182,12 @@ def target_table(results: dict, fractions: list[float]) -> str:
     ]
     for f in fractions:
         goal = f * best
-        mine = hours_to(results["fedadapter"]["curve"], goal) if "fedadapter" in results else None
+        mine = hours_to(results["fedadapter"]["curve"], goal)
         cells = [f"{f:.2f} x best = {goal:.3f}", "not reached" if mine is None else f"{mine:.4f}"]
         for name in others:
             other = hours_to(results[name]["curve"], goal)
             hours = "not reached" if other is None else f"{other:.4f}"
-            cell = speedup_cell(mine, other, ran.get("fedadapter", 0.0), ran[name]) if "fedadapter" in results else ""
+            cell = speedup_cell(mine, other, hours_run(results["fedadapter"]), hours_run(results[name]))
             cells.append(f"{hours} ({cell})" if cell else hours)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -203,9 +208,8 @@ def cache_ratio(args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
         client = data.client_indices[sizes[len(sizes) // 2]]  # a median client
         train = data.datasets["train"]
         batches = [data.collate([train[i] for i in client[s : s + 16]]) for s in range(0, len(client), 16)]
-        layers = AutoConfig.from_pretrained(resolve_model_path(name), local_files_only=True).num_hidden_layers
         for depth in (1, 2):
-            times: dict[str, float | str] = {"model": name, "layers": layers, "depth": depth}
+            times: dict[str, float | str] = {"model": name, "depth": depth}
             for cached in (False, True):
                 torch.manual_seed(0)
                 model = FedPEFTModule(
@@ -216,6 +220,7 @@ def cache_ratio(args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
                     width=8,
                     activation_cache_mb=4096 if cached else None,
                 )
+                times["layers"] = model.model.config.num_hidden_layers
                 opt = model.configure_optimizers()
                 flops, _ = count_train_flops(model.model, batches[0], cached=cached, through_lowest_layer=False)
                 times["flops_cached" if cached else "flops_uncached"] = flops
@@ -254,7 +259,7 @@ def cache_table(rows: list[dict[str, float]]) -> str:
     ]
     for t in rows:
         cells = [
-            t.get("model", "minilm"),
+            t["model"],
             str(t["layers"]),
             str(t["depth"]),
             f"{t['uncached']:.3f}",
@@ -363,16 +368,13 @@ def main() -> None:
         parser.error("--methods is empty: name methods to train, or give --reuse to recompute an earlier run's tables")
     if args.cache_only and args.skip_cache:
         parser.error("--cache-only and --skip-cache contradict each other: give one of them")
-    try:
-        resolve_model_path(args.model)
-    except ValueError as err:
-        parser.error(f"--model {args.model}: {err}")
-    if not (args.skip_cache and not args.cache_only):
-        for name in args.cache_models:
-            try:  # before any training: a missing package must not cost a run's results
-                resolve_model_path(name)
-            except ValueError as err:
-                parser.error(f"--cache-models {name}: {err}; or leave {name} out of --cache-models")
+    # Every model resolved before any training: a missing package must not cost a run's results.
+    timed = [] if args.skip_cache else [("--cache-models", name) for name in args.cache_models]
+    for flag, name in [("--model", args.model)] + timed:
+        try:
+            resolve_model_path(name)
+        except ValueError as err:
+            parser.error(f"{flag} {name}: {err}")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(args.out)
@@ -390,8 +392,7 @@ def main() -> None:
     target, low_target = 0.99 * best, 0.99 * floor
     # Per method: simulated hours to each target (None: not reached) and simulated hours it ran.
     reach = {name: (hours_to(r["curve"], target), hours_to(r["curve"], low_target)) for name, r in results.items()}
-    # results.json of runs before sim_hours was kept: the last evaluated point's clock.
-    ran_h = {name: r.get("sim_hours", r["curve"][-1][0]) for name, r in results.items()}
+    ran_h = {name: hours_run(r) for name, r in results.items()}
 
     def fmt(h: float | None) -> str:
         return "not reached" if h is None else f"{h:.4f}"

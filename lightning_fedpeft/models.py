@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -18,9 +18,6 @@ from lightning_fedpeft.tuners.adapter import AdapterConfig, find_transformer_lay
 
 PEFTMethod = Literal["adapter", "lora", "svd", "full", "freeze"]
 PEFT_METHODS: tuple[str, ...] = ("adapter", "lora", "svd", "full", "freeze")
-
-# Short names for the models that install offline as Python packages (see packaged.py).
-MODEL_ALIASES: tuple[str, ...] = tuple(PACKAGED_MODELS)
 
 # The six linear kinds of a BERT layer: attention query/key/value/output and the two feed-forward ones.
 # peft matches target names as suffixes, so "output.dense" also covers "attention.output.dense".
@@ -68,7 +65,7 @@ def resolve_model_path(name_or_path: str) -> Path:
     if not path.is_dir():
         raise ValueError(
             f"model_name_or_path={name_or_path!r} is not a folder; give a local Hugging Face model folder "
-            f"or one of the aliases {sorted(MODEL_ALIASES)} (nothing is downloaded from a hub)"
+            f"or one of the packaged models {sorted(PACKAGED_MODELS)} (nothing is downloaded from a hub)"
         )
     if not (path / "config.json").is_file():
         raise ValueError(f"model_name_or_path={name_or_path!r}: {path} has no config.json")
@@ -151,7 +148,7 @@ class MeanPooledHead(nn.Module):
         self.dropout = dropout
         self.out_proj = out_proj
 
-    def forward(self, features: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.dropout(self.pooler(features)))
 
 
@@ -165,7 +162,7 @@ def use_mean_pooling(model: nn.Module) -> nn.Module:
     base = getattr(model, "base_model", None)
     head = getattr(model, "classifier", None)
     pooler = MaskedMeanPooler()
-    if base is not None and getattr(base, "pooler", None) is not None:
+    if getattr(base, "pooler", None) is not None:
         base.pooler = pooler
     elif base is not None and isinstance(getattr(head, "out_proj", None), nn.Linear):
         model.classifier = MeanPooledHead(head.out_proj, getattr(head, "dropout", nn.Identity()), pooler)
