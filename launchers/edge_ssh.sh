@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Edge boards over ssh, one process per board, no torchrun: a board that dies or hangs only loses its
 # own client (torchrun would tear down every worker it manages). This machine runs rank 0 (the server).
-#   SERVER=192.168.1.10 BOARDS="pi1 pi2 nano1" REPO=~/lightning-fedpeft launchers/edge_ssh.sh configs/quickstart.yaml --federation.mode=real --data.num_clients=4
-# With --federation.mode=real each rank is one client (client id = rank) training on its own data;
-# set data.num_clients to the number of ranks (boards + 1), or point each board at its own files.
+#   SERVER=192.168.1.10 BOARDS="pi1 pi2 nano1" REPO=~/lightning-fedpeft launchers/edge_ssh.sh configs/quickstart.yaml
+#     --federation.mode=real --federation.clients_per_round=4 --data.corpus=null --data.train_file=local.csv --data.num_clients=1
+# With --federation.mode=real each rank is one client (client id = rank) training on all of its own data
+# (data.num_clients=1, each board its own local.csv); every rank trains every round, so
+# clients_per_round is the number of ranks (boards + 1).
 # Requires: passwordless ssh to each board, the repo installed there, SERVER a private address.
 set -euo pipefail
 config=${1:?usage: $0 CONFIG [fedpeft options]}; shift
-: "${SERVER:?set SERVER to this machine's private address}" "${BOARDS:?set BOARDS to the board hostnames}"
+: "${SERVER:?set SERVER to the private address of this machine}" "${BOARDS:?set BOARDS to the board hostnames}"
 read -r -a boards <<< "$BOARDS"
 world=$(( ${#boards[@]} + 1 ))
 port=${PORT:-29500}
