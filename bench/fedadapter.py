@@ -89,9 +89,7 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
     sync_kwargs = sync_kwargs | ({"max_sim_hours": args.horizon_h} if name in ADAPTER_METHODS else {})
     if name == "fedadapter":
         sync = RoundSync(clients_per_round=5, seed=args.seed, cost_model=cost, eval_every=10**6, **sync_kwargs)
-        upgrade = ProgressiveUpgrade(
-            start_depth=args.start_depth, start_width=8, clients_per_group=5, window_rounds=args.window_rounds
-        )
+        upgrade = ProgressiveUpgrade(start_depth=args.start_depth, start_width=8, window_rounds=args.window_rounds)
         callbacks = [sync, upgrade]
         limit_val = 0
 

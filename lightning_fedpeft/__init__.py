@@ -1,25 +1,52 @@
 """lightning-fedpeft: federated, parameter-efficient fine-tuning of language models with PyTorch Lightning."""
 
-from lightning_fedpeft.callbacks import FederatedProgressBar, RoundSync
+from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun
+from lightning_fedpeft.callbacks import (
+    ClientResources,
+    FederatedProgressBar,
+    FedProx,
+    ModulePruning,
+    ProgressiveUpgrade,
+    RankAllocation,
+    RoundSync,
+)
 from lightning_fedpeft.data import FederatedTextDataModule, partition_clients
-from lightning_fedpeft.launchers import EmbeddedLauncher
+from lightning_fedpeft.errors import SetupError
+from lightning_fedpeft.launchers import EmbeddedLauncher, FederationAborted, RPCLauncher
 from lightning_fedpeft.module import FedPEFTModule
+from lightning_fedpeft.protocol import ClientUpdate, RoundOutcome, RoundPlan, RoundRecord, RoundTicket
 from lightning_fedpeft.server import FederatedServer
 from lightning_fedpeft.state import load_trainable_state, state_nbytes, trainable_state
-from lightning_fedpeft.strategy import ClientUpdate, FedAvg, RoundPlan, Strategy
+from lightning_fedpeft.strategy import FedAvg, Query, Strategy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClientContext",
+    "ClientResources",
+    "ClientResult",
     "ClientUpdate",
     "EmbeddedLauncher",
     "FedAvg",
     "FedPEFTModule",
+    "FedProx",
+    "FederatedAlgorithm",
     "FederatedProgressBar",
+    "FederatedRun",
     "FederatedServer",
     "FederatedTextDataModule",
+    "FederationAborted",
+    "ModulePruning",
+    "ProgressiveUpgrade",
+    "Query",
+    "RPCLauncher",
+    "RankAllocation",
+    "RoundOutcome",
     "RoundPlan",
+    "RoundRecord",
     "RoundSync",
+    "RoundTicket",
+    "SetupError",
     "Strategy",
     "load_trainable_state",
     "partition_clients",

@@ -18,6 +18,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_fedpeft.callbacks import FederatedProgressBar, RoundSync
 from lightning_fedpeft.data import FederatedTextDataModule
+from lightning_fedpeft.errors import SetupError
+from lightning_fedpeft.launchers import FederationAborted
 from lightning_fedpeft.module import FedPEFTModule
 
 
@@ -45,18 +47,23 @@ class FedPEFTCLI(LightningCLI):
         # print the message (it names the setting and the fix) instead of a traceback.
         try:
             super().instantiate_classes()
-            sync = _round_sync(self.trainer)
-            clients = getattr(self.datamodule, "num_clients", None)
-            if sync is not None and clients is not None:
-                sync.check_num_clients(clients)
         except ValueError as err:
-            print(f"fedpeft: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            _exit_with(err, 2)
+
+    def fit(self, model: Any, **kwargs: Any) -> None:
+        # RoundSync checks the federation as a whole when fit sets up (SetupError), and a rank that learns
+        # that another one failed stops with FederationAborted: one line each, no traceback of this rank.
+        try:
+            self.trainer.fit(model, **kwargs)
+        except SetupError as err:
+            _exit_with(err, 2)
+        except FederationAborted as err:
+            _exit_with(err, 1)
 
     def after_fit(self) -> None:
         trainer = self.trainer
         results: list[dict[str, float]] = []
-        sync = _round_sync(trainer)
+        sync = RoundSync.find(trainer)
         if sync is not None and not sync.launcher.is_server:
             return  # with several ranks only the server tests and reports
         if self.config_init[self.subcommand].get("test_after_fit", True) and not trainer.interrupted:
@@ -64,8 +71,9 @@ class FedPEFTCLI(LightningCLI):
         _print_summary(trainer, sync, results[0] if results else {})
 
 
-def _round_sync(trainer: Any) -> RoundSync | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, RoundSync)), None)
+def _exit_with(err: Exception, code: int) -> None:
+    print(f"fedpeft: error: {err}", file=sys.stderr)
+    sys.exit(code)
 
 
 def _print_summary(trainer: Any, sync: RoundSync | None, test: dict[str, float]) -> None:

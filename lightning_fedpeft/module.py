@@ -11,7 +11,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_fedpeft.cache import ActivationCache
 from lightning_fedpeft.models import PEFT_METHODS, PEFTMethod, apply_peft, load_backbone, resolve_model_path
-from lightning_fedpeft.state import TrainableState, load_trainable_state, trainable_state
+from lightning_fedpeft.protocol import TrainableState
+from lightning_fedpeft.state import load_trainable_state
 from lightning_fedpeft.tuners.adapter import AdapterInjection
 from lightning_fedpeft.tuners.adapter.model import adapter_config_of_state
 from lightning_fedpeft.tuners.svd import adopt_state_ranks
@@ -106,12 +107,8 @@ class FedPEFTModule(pl.LightningModule):
         self.test_metrics = metrics.clone(prefix="test_")
 
     # -- federated state -------------------------------------------------------------------------------
-    def get_trainable_state(self) -> TrainableState:
-        """The flat, named tensors that federated rounds exchange (every parameter with ``requires_grad``)."""
-        return trainable_state(self)
-
     def set_trainable_state(self, state: TrainableState) -> None:
-        """Load a state produced by :meth:`get_trainable_state` (on this or an identically built module).
+        """Load a trainable state (``trainable_state`` of this module or of an identically built one).
 
         A state of another configuration is accepted where the method allows one, which the state's tensor
         names and shapes determine: adapters of another (depth, width) are resized to it (FedAdapter); SVD

@@ -3,16 +3,20 @@
 In the one-process simulator a Lightning training epoch is one federated round: the batches of the
 sampled clients follow each other (client 3's local steps, then client 17's, ...) and ``RoundSync``
 swaps the trainable state at each client boundary. :class:`RoundBatchSampler` produces that stream and
-tells where each client's segment starts and ends.
+tells where each client's segment starts and ends; :class:`LocalRound` follows it as it is trained.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
+
+from lightning_fedpeft.protocol import ClientContext, ClientResult, ClientUpdate, RoundTicket, TrainableState
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,16 @@ class ClientSegment:
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:
     """A seed for one client's work in one round (its batch order and its dropout)."""
     return (seed * 1_000_003 + round_idx * 10_007 + client_id) % (2**63 - 1)
+
+
+def check_local_work(local_epochs: Any, local_steps: Any, where: str) -> None:
+    """Raise ``ValueError`` unless ``local_epochs`` is an int >= 1 and ``local_steps`` one too, or ``None``."""
+    for key, value, optional in (("local_epochs", local_epochs, False), ("local_steps", local_steps, True)):
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            hint = " (or null to use local_epochs)" if optional else ""
+            raise ValueError(f"{where}{key}={value!r} must be an int >= 1{hint}")
 
 
 def client_batches(
@@ -73,6 +87,8 @@ class RoundBatchSampler(Sampler[list[int]]):
         local_steps: if set, the exact number of local steps per client.
         seed: with ``round_idx``, seeds the local shuffles so a round is reproducible.
         round_idx: the round these batches belong to.
+        instructions: per client, what the round's plan told it; ``local_steps`` and ``local_epochs`` there
+            override the two settings above for that client.
     """
 
     def __init__(
@@ -84,14 +100,20 @@ class RoundBatchSampler(Sampler[list[int]]):
         local_steps: int | None = None,
         seed: int = 0,
         round_idx: int = 0,
+        instructions: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> None:
         self.batches: list[list[int]] = []
         self.segments: list[ClientSegment] = []
         for cid in client_ids:
+            told = (instructions or {}).get(cid, {})
+            epochs, steps = told.get("local_epochs", local_epochs), told.get("local_steps", local_steps)
+            if "local_epochs" in told and "local_steps" not in told:
+                steps = None  # an instructed number of passes is not capped by the run's local_steps
+            check_local_work(epochs, steps, f"round {round_idx}: client {cid}'s instruction ")
             # One generator per (seed, round, client): a client's batches do not depend on which other
             # clients share its process, so a multi-rank run trains exactly what the simulator trains.
             gen = torch.Generator().manual_seed(client_seed(seed, round_idx, cid))
-            batches = client_batches(list(client_indices[cid]), batch_size, local_epochs, local_steps, gen)
+            batches = client_batches(list(client_indices[cid]), batch_size, epochs, steps, gen)
             if not batches:
                 continue  # an empty client has nothing to contribute
             self.segments.append(ClientSegment(cid, len(client_indices[cid]), len(self.batches), len(batches)))
@@ -102,3 +124,56 @@ class RoundBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class LocalRound:
+    """One round as this process trains it: its ticket, where each client's batches start and end, and the
+    client in training (its context, its losses, its simulated compute)."""
+
+    def __init__(self, ticket: RoundTicket, sampler: RoundBatchSampler) -> None:
+        assert sampler.segments, "a round without a client with data has nothing to follow"
+        self.ticket = ticket
+        self.opened_at = time.perf_counter()
+        self._starts = {s.first_batch: s for s in sampler.segments}
+        self._ends = {s.last_batch for s in sampler.segments}
+        self.last_batch = max(self._ends)
+        self.client: ClientContext | None = None
+        self.losses: list[float] = []  # every local step's loss so far
+        self._client_losses: list[float] = []
+        self._client_sim_s = 0.0
+
+    def start_client(self, batch_idx: int) -> ClientContext | None:
+        """If a client's segment starts at ``batch_idx``, make it the client in training and return its context."""
+        segment = self._starts.get(batch_idx)
+        if segment is None:
+            return None
+        ticket = self.ticket
+        told = ticket.instructions.get(segment.client_id, {})
+        self.client = ClientContext(ticket.round, segment.client_id, segment.num_examples, told, ticket.global_state)
+        self._client_losses, self._client_sim_s = [], 0.0
+        return self.client
+
+    def ends_client(self, batch_idx: int) -> bool:
+        return batch_idx in self._ends
+
+    def record_step(self, loss: float | None, sim_s: float = 0.0) -> None:
+        """One local step of the client in training: its loss and simulated device seconds."""
+        if loss is not None:
+            self._client_losses.append(loss)
+        self._client_sim_s += sim_s
+
+    def finish_client(self, state: TrainableState, results: Sequence[ClientResult], simulated: bool) -> ClientUpdate:
+        """The update of the client in training, from its trainable ``state`` and its algorithms' results."""
+        ctx = self.client
+        assert ctx is not None, "no client in training"
+        losses = self._client_losses
+        metrics = {"train_loss": sum(losses) / len(losses)} if losses else {}
+        self.losses.extend(losses)
+        tensors: TrainableState = {}
+        for result in results:
+            tensors |= result.tensors
+            metrics |= result.metrics
+        if simulated:
+            metrics["sim_compute_s"] = self._client_sim_s
+        self.client = None
+        return ClientUpdate(ctx.client_id, ctx.round, ctx.num_examples, state, metrics, tensors)

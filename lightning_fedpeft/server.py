@@ -1,9 +1,14 @@
 """The server half of the round protocol, shared by the one-process simulator and multi-rank runtimes.
 
-A round: :meth:`FederatedServer.open_round` (the strategy picks participants), clients fetch the global
-state and :meth:`submit` their updates, :meth:`close_round` aggregates whatever valid updates arrived
-and records who was missing. Updates are checked before they are accepted: the right round, an expected
-client, the global state's names and shapes, and finite values.
+A round: :meth:`FederatedServer.open_round` (the strategy picks participants and their instructions),
+clients fetch the global state and :meth:`~FederatedServer.submit` their updates,
+:meth:`~FederatedServer.close_round` aggregates whatever valid updates arrived and records who was
+missing, the strategy's :meth:`~FederatedServer.queries` are answered on this process, and
+:meth:`~FederatedServer.finish_round` publishes the outcome. Updates are checked before they are
+accepted: the right round, an expected client, the global state's names and shapes, finite values.
+
+The server owns the simulated clock's stop rule: with ``max_sim_hours``, the round at which the
+strategy's clock reaches the budget (and the strategy may stop) is final, on every process alike.
 """
 
 from __future__ import annotations
@@ -11,80 +16,94 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from lightning_fedpeft.state import TrainableState, state_nbytes
-from lightning_fedpeft.strategy import ClientUpdate, RoundPlan, Strategy
+from lightning_fedpeft.cost import CostModel
+from lightning_fedpeft.protocol import ClientUpdate, RoundOutcome, RoundPlan, RoundRecord, TrainableState
+from lightning_fedpeft.state import state_nbytes
+from lightning_fedpeft.strategy import Query, Strategy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RoundRecord:
-    """What the server saw in one round."""
-
-    round: int
-    participants: list[int]
-    received: list[int] = field(default_factory=list)
-    rejected: dict[int, str] = field(default_factory=dict)
-    late: list[int] = field(default_factory=list)
-    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
-    extras: dict[str, float] = field(default_factory=dict)  # what a launcher or algorithm adds to the log
-    bytes_down: int = 0
-    bytes_up: int = 0
-    final: bool = False  # the server's stop rule ended the run with this round
-
-    @property
-    def missing(self) -> list[int]:
-        return [c for c in self.participants if c not in self.received and c not in self.rejected]
 
 
 class FederatedServer:
     """Holds the global trainable state and runs rounds with a :class:`Strategy`.
 
-    ``stop_rule``, if given, is asked about every closed round's record; ``True`` marks the record
-    ``final``: the run ends after that round (e.g. RoundSync's simulated-time budget).
+    Args:
+        strategy: the server strategy.
+        num_clients: how many clients there are to sample from.
+        cost_model: if set, each accepted client's simulated round is its reported ``sim_compute_s`` plus
+            the transfer of what it downloaded and uploaded (the sizes on the wire) at the model's
+            bandwidth; the round lasts as long as its slowest client, and the strategy's clock advances.
+        max_sim_hours: if set, the round whose clock reaches this many hours is final (see the module).
     """
 
     def __init__(
-        self, strategy: Strategy, num_clients: int, stop_rule: Callable[[RoundRecord], bool] | None = None
+        self,
+        strategy: Strategy,
+        num_clients: int,
+        cost_model: CostModel | None = None,
+        max_sim_hours: float | None = None,
     ) -> None:
+        self.check_budget(max_sim_hours, cost_model)
         self.strategy = strategy
         self.num_clients = num_clients
-        self.stop_rule = stop_rule
+        self.cost_model = cost_model
+        self.max_sim_hours = max_sim_hours
         self.global_state: TrainableState = {}
         self.plan: RoundPlan | None = None
         self.record: RoundRecord | None = None
         self._updates: list[ClientUpdate] = []
+        self._sim_seconds: dict[int, float] = {}
+
+    @staticmethod
+    def check_budget(max_sim_hours: float | None, cost_model: CostModel | None) -> None:
+        """Raise ``ValueError`` naming the setting if ``max_sim_hours`` cannot be a budget."""
+        if max_sim_hours is None:
+            return
+        if cost_model is None:
+            raise ValueError(
+                "federation.max_sim_hours needs a simulated clock: set federation.cost_model (e.g. "
+                "{class_path: lightning_fedpeft.cost.CostModel, init_args: {device: tx2}}) or drop max_sim_hours"
+            )
+        if not (math.isfinite(max_sim_hours) and max_sim_hours > 0):
+            raise ValueError(f"federation.max_sim_hours={max_sim_hours} must be a positive number of hours")
 
     def initialize(self, state: TrainableState) -> None:
-        """Set the starting global state (a copy is kept)."""
+        """Set the starting global state (a copy is kept) and tell the strategy."""
         self.global_state = {k: v.detach().clone() for k, v in state.items()}
+        self.strategy.initialize(self.global_state)
 
-    def open_round(self, round_idx: int) -> RoundPlan:
-        """Ask the strategy for this round's participants and start accepting their updates."""
+    def open_round(self, round_idx: int, wire_bytes_down: int | None = None) -> RoundPlan:
+        """Ask the strategy for this round's plan and start accepting its participants' updates.
+
+        ``wire_bytes_down``: what the global state takes on the wire (default: its size as it is).
+        """
         if not self.global_state:
             raise RuntimeError("FederatedServer.initialize must be called before the first round")
         self.plan = self.strategy.configure_round(round_idx, self.num_clients)
         self.record = RoundRecord(round=round_idx, participants=list(self.plan.client_ids))
         # Every participant starts from the global state: counted once per client, as each would fetch it
         # in a real federation (ranks that host several simulated clients fetch it once on the wire).
-        self.record.bytes_down = len(self.plan.client_ids) * state_nbytes(self.global_state)
+        nbytes = state_nbytes(self.global_state)
+        self._wire_down = nbytes if wire_bytes_down is None else wire_bytes_down
+        self.record.bytes_down = len(self.plan.client_ids) * nbytes
+        self.record.wire_bytes_down = len(self.plan.client_ids) * self._wire_down
         self._updates = []
+        self._sim_seconds = {}
         return self.plan
-
-    @property
-    def round_is_open(self) -> bool:
-        return self.plan is not None
 
     def outstanding(self) -> list[int]:
         """Participants of the open round that have neither an accepted nor a rejected update yet."""
         return [] if self.record is None or self.plan is None else self.record.missing
 
-    def submit(self, update: ClientUpdate) -> bool:
-        """Accept a client's update if it is valid for the open round; return whether it was accepted."""
+    def submit(self, update: ClientUpdate, wire_bytes: int | None = None) -> bool:
+        """Accept a client's update if it is valid for the open round; return whether it was accepted.
+
+        ``wire_bytes``: what the update's state took on the wire (default: its size as it is).
+        """
         reason = self._check(update)
         if reason is not None:
             same_round = self.record is not None and update.round == self.record.round
@@ -96,9 +115,15 @@ class FederatedServer:
             log.warning("round %s: rejected update from client %s: %s", update.round, update.client_id, reason)
             return False
         assert self.record is not None
+        up = state_nbytes(update.state) if wire_bytes is None else wire_bytes
         self.record.received.append(update.client_id)
         self.record.client_metrics[update.client_id] = dict(update.metrics)
-        self.record.bytes_up += state_nbytes(update.state) + state_nbytes(update.extras)
+        self.record.bytes_up += state_nbytes(update.state) + state_nbytes(update.tensors)
+        self.record.wire_bytes_up += up
+        compute = update.metrics.get("sim_compute_s")
+        if self.cost_model is not None and compute is not None:
+            comm = self.cost_model.comm_seconds(self._wire_down) + self.cost_model.comm_seconds(up)
+            self._sim_seconds[update.client_id] = compute + comm
         self._updates.append(update)
         return True
 
@@ -119,21 +144,58 @@ class FederatedServer:
                 return f"{name} has non-finite values"
         if not (update.num_examples > 0 and math.isfinite(update.num_examples)):
             return f"num_examples={update.num_examples} is not a positive count"
-        for name, tensor in update.extras.items():
+        for name, tensor in update.tensors.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                return f"extra {name} has non-finite values"
+                return f"tensor {name} has non-finite values"
         return self.strategy.check_update(update)
 
-    def close_round(self) -> TrainableState:
-        """Aggregate the accepted updates into the new global state and close the round."""
+    def close_round(self) -> RoundRecord:
+        """Aggregate the accepted updates into the new global state and stop accepting updates."""
         assert self.record is not None and self.plan is not None, "no open round"
         if self.record.missing:
             log.warning("round %s closed without clients %s", self.record.round, self.record.missing)
         # In client-id order, so the result does not depend on which process finished first.
         updates = sorted(self._updates, key=lambda u: u.client_id)
         self.global_state = self.strategy.aggregate(self.record.round, self.global_state, updates)
-        self.record.extras.update(self.strategy.round_extras())
-        self.record.final = self.stop_rule is not None and self.stop_rule(self.record)
+        self.record.sim_round_s = max(self._sim_seconds.values(), default=0.0)
+        self.strategy.advance_clock(self.record.sim_round_s)
         self._updates = []
         self.plan = None
-        return self.global_state
+        return self.record
+
+    def queries(self) -> list[Query]:
+        """The strategy's open questions about the model (answer them before :meth:`finish_round`)."""
+        return self.strategy.queries()
+
+    def answer(self, query: Query, value: Any) -> None:
+        """Hand an answer to the strategy; it may replace the global state."""
+        state = self.strategy.answer(query, value)
+        if state is not None:
+            self.global_state = state
+
+    def answer_all(self, answer: Callable[[Query], Any] | None) -> None:
+        """Answer the strategy's questions with ``answer`` until it asks no more (between rounds)."""
+        while queries := self.queries():
+            if answer is None:
+                raise RuntimeError(f"the strategy asks {queries[0]!r} but no algorithm callback answers it")
+            for query in queries:
+                self.answer(query, answer(query))
+
+    def finish_round(self) -> RoundOutcome:
+        """After the queries: what the round logs, whether it is final, and the state every client gets."""
+        record = self.record
+        assert record is not None and self.plan is None, "close_round first"
+        if self.queries():
+            raise RuntimeError(f"round {record.round}: the strategy's queries must be answered before it finishes")
+        record.sim_time_s = self.strategy.sim_time_s
+        record.metrics.update(self.strategy.round_metrics())
+        budget_s = None if self.max_sim_hours is None else self.max_sim_hours * 3600.0
+        record.final = budget_s is not None and self.strategy.may_stop() and record.sim_time_s >= budget_s
+        if record.final:
+            log.info(
+                "round %d: simulated clock %.4f h reached federation.max_sim_hours=%s; the run ends",
+                record.round,
+                record.sim_time_s / 3600.0,
+                self.max_sim_hours,
+            )
+        return RoundOutcome(record.round, self.global_state, record.final, record)

@@ -1,97 +1,127 @@
 """Server strategies: what the server asks of clients kept apart from what it does with their replies.
 
 The split follows Flower's ``Strategy``: :meth:`Strategy.configure_round` picks the participants of a
-round (and may attach instructions for them), :meth:`Strategy.aggregate` turns their updates into the
-next global state. Neither knows about Lightning, processes or transport, so the one-process simulator
-and the multi-rank runtime can share them.
+round and what each is told (its instructions), :meth:`Strategy.aggregate` turns their updates into the
+next global state. A strategy is plain Python and torch: it never sees Lightning, a model, a process or
+a transport, so the one-process simulator and the multi-rank runtime share it, and its whole state
+(:meth:`Strategy.state_dict`) rides in RoundSync's checkpoints.
+
+What a strategy cannot work out from tensors alone (a state's validation accuracy, the cost of a
+configuration) it asks as a :class:`Query`; the algorithm that built the strategy answers on the server's
+process between rounds (:meth:`Strategy.queries`, :meth:`Strategy.answer`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lightning_fedpeft.state import TrainableState
+from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
 
 
-@dataclass
-class ClientUpdate:
-    """What one client returns at the end of its local training in a round."""
+class Query:
+    """A question about the model that a strategy needs answered before the next round.
 
-    client_id: int
-    round: int
-    num_examples: int
-    state: TrainableState
-    metrics: dict[str, float] = field(default_factory=dict)
-    # Side tensors an algorithm sends with the update (e.g. FedARA's importance per triplet); they cross
-    # the wire and are counted in the round's bytes, but they are not part of the model.
-    extras: TrainableState = field(default_factory=dict)
-
-
-@dataclass
-class RoundPlan:
-    """What the server decided for one round: who trains, and any per-client instructions."""
-
-    round: int
-    client_ids: list[int]
-    instructions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    Subclasses are plain dataclasses defined beside the strategy that asks them; the
+    :class:`~lightning_fedpeft.algorithm.FederatedAlgorithm` that built the strategy answers them.
+    """
 
 
 class Strategy:
-    """Base class of server strategies. Subclasses override :meth:`aggregate` (and maybe :meth:`configure_round`)."""
+    """Base class of server strategies. Subclasses override :meth:`aggregate`, and any of the other hooks.
+
+    The server calls, per round: :meth:`configure_round`; :meth:`check_update` for every update;
+    :meth:`aggregate`; :meth:`advance_clock` with the round's simulated seconds; then, until there are none,
+    :meth:`queries` and :meth:`answer`; and last :meth:`round_metrics` and :meth:`may_stop`.
+    """
 
     def __init__(self, clients_per_round: int, seed: int = 0) -> None:
         if clients_per_round < 1:
             raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}")
         self.clients_per_round = clients_per_round
         self.seed = seed
+        self.sim_time_s = 0.0  # the simulated clock (seconds); only moves with a cost model
 
+    # -- before the first round ------------------------------------------------------------------------
+    def validate(self, num_clients: int) -> None:
+        """Raise ``ValueError`` naming the setting if rounds cannot be formed from ``num_clients`` clients."""
+        if self.clients_per_round > num_clients:
+            raise ValueError(
+                f"federation.clients_per_round={self.clients_per_round} exceeds the {num_clients} clients "
+                f"(data.num_clients); set clients_per_round to at most {num_clients}"
+            )
+
+    def initialize(self, global_state: TrainableState) -> None:
+        """The run's starting global state (also after a resume, once :meth:`load_state_dict` has run)."""
+
+    # -- configure ---------------------------------------------------------------------------------------
     def configure_round(self, round_idx: int, num_clients: int) -> RoundPlan:
-        """Sample ``clients_per_round`` distinct clients uniformly without replacement.
+        """Sample ``clients_per_round`` distinct clients uniformly without replacement, with no instructions.
 
         The sample depends only on ``(seed, round_idx)``, so a resumed run or another process draws the
         same participants for the same round.
         """
-        if self.clients_per_round > num_clients:
-            raise ValueError(
-                f"clients_per_round={self.clients_per_round} exceeds num_clients={num_clients}; "
-                f"set clients_per_round to at most {num_clients}"
-            )
+        self.validate(num_clients)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_idx)
         chosen = torch.randperm(num_clients, generator=gen)[: self.clients_per_round]
         return RoundPlan(round=round_idx, client_ids=sorted(chosen.tolist()))
 
+    # -- aggregate ---------------------------------------------------------------------------------------
+    def check_update(self, update: ClientUpdate) -> str | None:
+        """Why ``update`` must be rejected beyond the server's own checks (e.g. its ``tensors``), or ``None``."""
+        return None
+
     def aggregate(
         self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
     ) -> TrainableState:
-        """Combine client updates into the next global state."""
+        """Combine the accepted client updates (in client-id order) into the next global state."""
         raise NotImplementedError
 
-    def check_update(self, update: ClientUpdate) -> str | None:
-        """Why ``update`` must be rejected beyond the server's own checks (e.g. its ``extras``), or ``None``."""
-        return None
+    def advance_clock(self, round_s: float) -> None:
+        """Count the round just aggregated, which took ``round_s`` simulated seconds (its slowest client)."""
+        self.sim_time_s += round_s
 
-    def round_extras(self) -> dict[str, float]:
-        """Values to log with the round just aggregated (the server adds them to the round's record)."""
+    def queries(self) -> list[Query]:
+        """Questions about the model to answer before the next round (default: none)."""
+        return []
+
+    def answer(self, query: Query, value: Any) -> TrainableState | None:
+        """Take the answer to one of :meth:`queries`; return a new global state if it changes it."""
+        raise NotImplementedError(f"{type(self).__name__} asked no query it can take an answer to: {query!r}")
+
+    # -- what the round leaves behind --------------------------------------------------------------------
+    def round_metrics(self) -> dict[str, float]:
+        """Numbers to log with the round just closed (they join its row in ``rounds.csv``)."""
+        return {}
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        """Further tables to keep beside ``rounds.csv``, as ``{name: rows}`` (``name.csv``); default none."""
         return {}
 
     def may_stop(self) -> bool:
-        """Whether a run may end after the round just aggregated (e.g. on a simulated-time budget).
+        """Whether a run may end after the round just closed (e.g. on a simulated-time budget).
 
         A strategy whose work spans several rounds (FedAdapter's trial groups) says no in the middle of it,
         so that a stop never throws away trials whose outcome was not decided yet.
         """
         return True
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run (subclasses add theirs to this)."""
+        return {"sim_time_s": self.sim_time_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sim_time_s = float(state["sim_time_s"])
+
 
 class FedAvg(Strategy):
     """Sample-weighted federated averaging (McMahan et al., 2017) over the trainable state only.
 
     The new global tensor is ``sum_k n_k * w_k / sum_k n_k`` where ``n_k`` is client k's number of
-    training examples. With no updates (every participant failed) the global state is kept.
+    training examples, accumulated in float64. With no updates (every participant failed) the global
+    state is kept.
     """
 
     def aggregate(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -9,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_fedpeft import RoundSync
+from lightning_fedpeft import ClientContext, ClientResult, FederatedAlgorithm, RoundSync
 from lightning_fedpeft.state import trainable_state
 
 
@@ -18,10 +19,14 @@ def _rank() -> int:
 
 
 class SaveGlobalState(Callback):
-    """On the server, save the final global trainable state to ``path``."""
+    """On the server, save the starting (``<path>.initial``) and final global trainable states."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _rank() == 0:
+            torch.save(trainable_state(pl_module), self.path + ".initial")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _rank() == 0:
@@ -48,8 +53,7 @@ class CorruptUpdates(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _rank() != self.rank:
             return
-        sync = next(cb for cb in trainer.callbacks if isinstance(cb, RoundSync))
-        launcher = sync.launcher
+        launcher = RoundSync.find(trainer).launcher
         submit = launcher.submit
         sent = []
 
@@ -63,3 +67,43 @@ class CorruptUpdates(Callback):
             return submit(update)
 
         launcher.submit = corrupted
+
+
+class FailInTrainingStep(Callback):
+    """On ``rank``, raise ``RuntimeError("boom ...")`` inside the model's forward at ``round``'s first step."""
+
+    def __init__(self, rank: int, round: int) -> None:
+        self.rank, self.round = rank, round
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _rank() != self.rank:
+            return
+
+        def fail(_module, _args) -> None:  # noqa: ANN001
+            if pl_module.training and trainer.current_epoch == self.round:
+                raise RuntimeError(f"boom in the training step of rank {self.rank}")
+
+        pl_module.model.register_forward_pre_hook(fail)
+
+
+class RecordOwnClients(FederatedAlgorithm):
+    """Writes ``<path>.rank<R>.json``: per round, the clients this rank trained, their examples and steps."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.rounds: dict[int, dict[int, dict[str, int]]] = {}
+        self._steps = 0
+
+    def on_client_start(self, ctx: ClientContext, pl_module: pl.LightningModule) -> None:
+        self._steps = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:  # noqa: ANN002
+        self._steps += 1
+
+    def on_client_end(self, ctx: ClientContext, pl_module: pl.LightningModule) -> ClientResult:
+        self.rounds.setdefault(ctx.round, {})[ctx.client_id] = {"examples": ctx.num_examples, "steps": self._steps}
+        return ClientResult()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with open(f"{self.path}.rank{_rank()}.json", "w") as fh:
+            json.dump(self.rounds, fh)

@@ -100,7 +100,7 @@ def test_fedadapter_config_runs_trial_windows_through_the_cli(tmp_path: Path, ca
     config = REPO / "configs" / "fedadapter" / "fedadapter.yaml"
     args = [*TINY, f"--data.cache_dir={cache_dir}", "--trainer.max_epochs=3", "--federation.eval_every=3"]
     args += [f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.enable_checkpointing=false"]
-    args += ["--trainer.callbacks.init_args.clients_per_group=2", "--trainer.callbacks.init_args.window_rounds=1"]
+    args += ["--federation.clients_per_round=2", "--trainer.callbacks.init_args.window_rounds=1"]
     proc = _fedpeft("fit", "--config", str(config), *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rounds_csv,) = (tmp_path / "runs").rglob("rounds.csv")
@@ -114,13 +114,24 @@ def test_fedadapter_config_runs_trial_windows_through_the_cli(tmp_path: Path, ca
     assert decision["winner"] in ("shallow", "deeper")
 
 
+def _printed_config(config: Path, tmp_path: Path) -> dict:
+    """The config ``fedpeft fit --print_config`` resolves (every default filled in), parsed."""
+    proc = _fedpeft("fit", "--config", str(config), "--print_config", cwd=tmp_path)
+    assert proc.returncode == 0, (config.name, proc.stderr[-2000:])
+    return yaml.safe_load(proc.stdout)
+
+
 def test_every_baseline_config_parses(tmp_path: Path) -> None:
     configs = sorted((REPO / "configs" / "fedadapter").glob("*.yaml"))
     assert len(configs) == 6
     for config in configs:
-        proc = _fedpeft("fit", "--config", str(config), "--print_config", cwd=tmp_path)
-        assert proc.returncode == 0, (config.name, proc.stderr[-2000:])
-        assert "cost_model" in proc.stdout
+        resolved = _printed_config(config, tmp_path)
+        written = yaml.safe_load(config.read_text())
+        cost = resolved["federation"]["cost_model"]
+        assert cost["class_path"] == "lightning_fedpeft.cost.CostModel", config.name
+        assert cost["init_args"] == {"device": "tx2", "bandwidth_mbps": 1.0, "devices_file": None}, config.name
+        assert resolved["model"]["method"] == written["model"]["method"], config.name
+        assert resolved["data"]["num_clients"] == 100 and resolved["data"]["alpha"] == 1.0, config.name
 
 
 def test_fedara_config_allocates_ranks_through_the_cli(tmp_path: Path, cache_dir: str) -> None:
@@ -149,8 +160,23 @@ def test_fedara_config_allocates_ranks_through_the_cli(tmp_path: Path, cache_dir
 def test_every_fedara_config_parses(tmp_path: Path) -> None:
     configs = sorted((REPO / "configs" / "fedara").glob("*.yaml"))
     assert [c.name for c in configs] == ["fedara.yaml", "lora_fedavg.yaml", "svd_fixed.yaml"]
+    expected_callbacks = {
+        "fedara.yaml": ["lightning_fedpeft.fedara.RankAllocation", "lightning_fedpeft.fedara.ModulePruning"],
+        "lora_fedavg.yaml": ["lightning_fedpeft.callbacks.ClientResources"],
+        "svd_fixed.yaml": ["lightning_fedpeft.callbacks.ClientResources"],
+    }
+    methods = {"fedara.yaml": "svd", "lora_fedavg.yaml": "lora", "svd_fixed.yaml": "svd"}
     for config in configs:
-        proc = _fedpeft("fit", "--config", str(config), "--print_config", cwd=tmp_path)
-        assert proc.returncode == 0, (config.name, proc.stderr[-2000:])
-        assert "alpha: 1.0" in proc.stdout
-        assert "ClientResources" in proc.stdout or "ModulePruning" in proc.stdout
+        resolved = _printed_config(config, tmp_path)
+        assert resolved["data"]["alpha"] == 1.0 and resolved["data"]["num_clients"] == 100, config.name
+        assert resolved["model"]["method"] == methods[config.name]
+        paths = [cb["class_path"] for cb in resolved["trainer"]["callbacks"]]
+        assert paths == expected_callbacks[config.name], (config.name, paths)
+
+
+def test_every_launch_recipe_is_valid_bash() -> None:
+    recipes = sorted((REPO / "launchers").iterdir())
+    assert len(recipes) >= 4
+    for recipe in recipes:
+        proc = subprocess.run(["bash", "-n", str(recipe)], capture_output=True, text=True)
+        assert proc.returncode == 0, (recipe.name, proc.stderr)

@@ -10,7 +10,7 @@ import torch
 
 from lightning_fedpeft import FedPEFTModule, RoundSync
 from lightning_fedpeft.cost import TX2_TABLE, CostModel, bert_base_flops, count_train_flops, load_device_profiles
-from lightning_fedpeft.state import compress
+from lightning_fedpeft.launchers.codec import Codec
 
 
 def test_packaged_tx2_profile_reproduces_the_published_table_within_15_percent() -> None:
@@ -48,13 +48,17 @@ def test_relative_profiles_and_user_profile_files(tmp_path: Path) -> None:
 def test_int8_transfer_quantizes_values_and_quarters_the_bytes() -> None:
     gen = torch.Generator().manual_seed(0)
     state = {"a": torch.randn(100, 10, generator=gen), "b": torch.randn(7, generator=gen)}
-    received, nbytes = compress(state, "int8")
-    assert nbytes == 1000 + 4 + 7 + 4
+    int8 = Codec("int8")
+    wire = int8.encode(state)
+    received = int8.decode(wire)
+    assert wire.nbytes == 1000 + 4 + 7 + 4 and wire.tensors["a"].values.dtype == torch.int8
     for k in state:
         err = (received[k] - state[k]).abs().max()
         assert 0 < err <= state[k].abs().max() / 127 / 2 + 1e-7
-    same, full = compress(state, "none")
-    assert full == 4 * 1007 and same["a"] is state["a"]
+    plain = Codec("none").encode(state)
+    assert plain.nbytes == 4 * 1007 and Codec.decode(plain)["a"] is state["a"]
+    with pytest.raises(ValueError, match=r"federation\.compression='zip' is unknown; allowed: none, int8"):
+        Codec("zip")
 
 
 def test_int8_with_a_reference_quantizes_only_the_change() -> None:
@@ -64,11 +68,13 @@ def test_int8_with_a_reference_quantizes_only_the_change() -> None:
     ref = {"w": 3.0 * torch.randn(200, 20, generator=gen), "shape_changed": torch.zeros(3)}
     delta = 1e-3 * torch.randn(200, 20, generator=gen)
     state = {"w": ref["w"] + delta, "shape_changed": torch.ones(5)}
-    received, nbytes = compress(state, "int8", reference=ref)
-    assert nbytes == 4000 + 4 + 5 + 4
+    int8 = Codec("int8")
+    wire = int8.encode(state, reference=ref)
+    received = int8.decode(wire, reference=ref)
+    assert wire.nbytes == 4000 + 4 + 5 + 4
     err = (received["w"] - state["w"]).abs().max()
     assert err <= delta.abs().max() / 127 / 2 + 1e-6
-    plain, _ = compress(state, "int8")
+    plain = int8.decode(int8.encode(state))
     assert (plain["w"] - state["w"]).abs().max() > 10 * err
     assert torch.allclose(received["shape_changed"], torch.ones(5))  # no usable reference: values sent
 

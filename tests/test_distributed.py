@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import socket
 import subprocess
@@ -14,9 +15,10 @@ import pytest
 import torch
 import yaml
 
-from lightning_fedpeft import FedAvg, FederatedServer
-from lightning_fedpeft.launchers.rpc import ServerEndpoint
-from lightning_fedpeft.strategy import ClientUpdate
+from lightning_fedpeft import FedAvg, FederatedServer, FederationAborted
+from lightning_fedpeft.launchers.codec import Codec
+from lightning_fedpeft.launchers.rpc import Aborted, ServerEndpoint
+from lightning_fedpeft.protocol import ClientUpdate, RoundPlan
 
 TESTS = Path(__file__).parent
 
@@ -97,7 +99,10 @@ def test_three_ranks_match_the_one_process_simulator(tmp_path: Path, cache_dir: 
     assert single.keys() == multi.keys()
     for name in single:
         assert torch.allclose(single[name], multi[name], atol=1e-5, rtol=1e-4), name
-    # The global model really moved, so the agreement is not trivial.
+    # The global model really moved (every tensor, far beyond the tolerance), so the agreement is not trivial.
+    start = torch.load(tmp_path / "three.pt.initial")
+    moved = {n: float((multi[n] - start[n]).abs().max()) for n in multi}
+    assert min(moved.values()) > 1e-3, moved
     rows = _rounds(tmp_path, "three")
     assert [int(r["round"]) for r in rows] == [0, 1, 2] and all(int(r["clients"]) == 6 for r in rows)
     assert [r["bytes_up"] for r in rows] == [r["bytes_up"] for r in _rounds(tmp_path, "one")]
@@ -145,7 +150,7 @@ def test_fedadapter_over_three_ranks_matches_the_one_process_simulator(tmp_path:
     # decision, the grown adapters and the simulated clock must be the simulator's.
     upgrade = {
         "class_path": "lightning_fedpeft.fedadapter.ProgressiveUpgrade",
-        "init_args": {"start_depth": 0, "start_width": 8, "clients_per_group": 3, "window_rounds": 1},
+        "init_args": {"start_depth": 0, "start_width": 8, "window_rounds": 1},
     }
     runs = {}
     for name, nproc in (("one_adapter", 1), ("three_adapter", 3)):
@@ -210,19 +215,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.timeout(300)
-def test_a_client_rank_killed_mid_round_does_not_stop_the_federation(tmp_path: Path, cache_dir: str) -> None:
-    deadline = 60.0
-    kill = {"class_path": "dist_helpers.KillRank", "init_args": {"rank": 2, "round": 1, "batch": 1}}
-    config = _config(tmp_path, cache_dir, "kill", [kill], round_deadline_s=deadline, liveness_timeout_s=5.0)
-    # Three independent processes, as on three boards: torchrun would tear the whole group down when
-    # one worker dies, which is the opposite of what a federation wants.
+def _plain_processes(config: Path, per_rank: list[list[str]] | None = None, timeout: float = 240) -> tuple:
+    """``fedpeft fit`` in 3 independent processes (no torchrun), as on three boards; ``per_rank``: extra args.
+
+    torchrun would tear the whole group down when one worker dies, which is the opposite of what a
+    federation wants. Returns the processes, their (stdout, stderr) and the seconds until all had ended.
+    """
     port = str(_free_port())
     cmd = [sys.executable, "-m", "lightning_fedpeft", "fit", "--config", str(config)]
     start = time.monotonic()
     procs = [
         subprocess.Popen(
-            cmd,
+            cmd + (per_rank[r] if per_rank else []),
             env=_env(RANK=str(r), WORLD_SIZE="3", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -230,8 +234,16 @@ def test_a_client_rank_killed_mid_round_does_not_stop_the_federation(tmp_path: P
         )
         for r in range(3)
     ]
-    outs = [p.communicate(timeout=240) for p in procs]
-    elapsed = time.monotonic() - start
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return procs, outs, time.monotonic() - start
+
+
+@pytest.mark.timeout(300)
+def test_a_client_rank_killed_mid_round_does_not_stop_the_federation(tmp_path: Path, cache_dir: str) -> None:
+    deadline = 60.0
+    kill = {"class_path": "dist_helpers.KillRank", "init_args": {"rank": 2, "round": 1, "batch": 1}}
+    config = _config(tmp_path, cache_dir, "kill", [kill], round_deadline_s=deadline, liveness_timeout_s=5.0)
+    procs, outs, elapsed = _plain_processes(config)
     assert procs[2].returncode == -9  # killed mid-round
     assert procs[0].returncode == 0, outs[0][1][-3000:]
     assert procs[1].returncode == 0, outs[1][1][-3000:]
@@ -243,6 +255,53 @@ def test_a_client_rank_killed_mid_round_does_not_stop_the_federation(tmp_path: P
     assert float(rows[1]["train_time_s"]) < deadline  # closed as soon as rank 2 went silent
     assert int(rows[2]["missing"]) == 0 and int(rows[2]["clients"]) == 6  # its clients moved to live ranks
     assert elapsed < 200
+
+
+@pytest.mark.timeout(300)
+def test_an_exception_in_one_ranks_training_step_ends_every_rank_promptly(tmp_path: Path, cache_dir: str) -> None:
+    fail = {"class_path": "dist_helpers.FailInTrainingStep", "init_args": {"rank": 1, "round": 1}}
+    # Liveness and deadline far away: only the failure report may end the other ranks this fast.
+    config = _config(tmp_path, cache_dir, "fail", [fail], round_deadline_s=600, liveness_timeout_s=300)
+    procs, outs, elapsed = _plain_processes(config)
+    assert [p.returncode for p in procs] == [1, 1, 1], [err[-1500:] for _, err in outs]
+    assert "RuntimeError: boom in the training step of rank 1" in outs[1][1]  # the failed rank's own traceback
+    for rank in (0, 2):  # the others: one line that names the failed rank, the round and the error
+        stderr = outs[rank][1]
+        assert "fedpeft: error: rank 1 failed in round 1: RuntimeError: boom in the training step" in stderr
+        assert "Traceback" not in stderr, stderr[-2000:]
+    assert elapsed < 120  # every process ended (communicate returned), long before any timeout
+    assert [int(r["round"]) for r in _rounds(tmp_path, "fail")] == [0]
+
+
+@pytest.mark.timeout(300)
+def test_edge_boards_in_real_mode_each_train_on_all_of_their_own_file(tmp_path: Path, cache_dir: str) -> None:
+    # Three boards, three files of different sizes, each board told data.num_clients=1 (its file is its
+    # client's data): every rank's client trains on all of its file, every round.
+    sizes = (30, 45, 60)
+    topics = ["sports", "food", "tech"]
+    files = []
+    for rank, n in enumerate(sizes):
+        path = tmp_path / f"board{rank}.csv"
+        path.write_text(
+            "text,label\n" + "".join(f"board {rank} text {i} about {topics[i % 3]},{topics[i % 3]}\n" for i in range(n))
+        )
+        files.append(path)
+    (tmp_path / "val.csv").write_text("text,label\n" + "".join(f"held out {t},{t}\n" for t in topics * 4))
+    record = {"class_path": "dist_helpers.RecordOwnClients", "init_args": {"path": str(tmp_path / "own")}}
+    config = _config(tmp_path, cache_dir, "boards", [record], mode="real", clients_per_round=3)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"] = {"corpus": None, "val_file": str(tmp_path / "val.csv"), "num_clients": 1, "batch_size": 8}
+    raw["data"] |= {"max_length": 32, "cache_dir": cache_dir}
+    raw["trainer"]["max_epochs"] = 2
+    config.write_text(yaml.safe_dump(raw))
+    procs, outs, _ = _plain_processes(config, [[f"--data.train_file={f}"] for f in files])
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    for rank, n in enumerate(sizes):
+        with open(tmp_path / f"own.rank{rank}.json") as fh:
+            rounds = json.load(fh)
+        assert rounds == {str(r): {str(rank): {"examples": n, "steps": -(-n // 8)}} for r in range(2)}, rounds
+    rows = _rounds(tmp_path, "boards")
+    assert [(int(r["round"]), int(r["clients"]), int(r["missing"])) for r in rows] == [(0, 3, 0), (1, 3, 0)]
 
 
 @pytest.mark.timeout(600)
@@ -262,15 +321,60 @@ def test_corrupted_updates_are_rejected_and_the_round_completes(tmp_path: Path, 
 def test_the_endpoint_accepts_only_the_rank_assigned_to_a_client() -> None:
     server = FederatedServer(FedAvg(4, seed=0), num_clients=8)
     server.initialize({"w": torch.zeros(2)})
-    endpoint = ServerEndpoint(server, world_size=2, mode="simulation", round_deadline_s=5, liveness_timeout_s=5)
+    codec = Codec()
+    endpoint = ServerEndpoint(server, codec, {"w": torch.zeros(2)}, 2, "simulation", 5, 5)
     endpoint.open_round(0)
-    ticket = endpoint.fetch_round(1, 0)
-    assert ticket is not None and len(ticket.client_ids) == 2
-    mine, theirs = ticket.client_ids[0], endpoint.fetch_round(0, 0).client_ids[0]
-    assert not endpoint.submit(1, ClientUpdate(theirs, 0, 5, {"w": torch.ones(2)}))  # not rank 1's client
-    assert not endpoint.submit(7, ClientUpdate(mine, 0, 5, {"w": torch.ones(2)}))  # no such rank
-    assert endpoint.submit(1, ClientUpdate(mine, 0, 5, {"w": torch.ones(2)}))
-    state, record = endpoint.close_when_ready(0)  # the deadline (5 s) closes it: two clients never answer
+    fetched = endpoint.fetch_round(1, 0)
+    assert fetched is not None and len(fetched[0].client_ids) == 2
+    mine, theirs = fetched[0].client_ids[0], endpoint.fetch_round(0, 0)[0].client_ids[0]
+
+    def submit(rank: int, client: int) -> bool:
+        return endpoint.submit(rank, ClientUpdate(client, 0, 5, {}), codec.encode({"w": torch.ones(2)}))
+
+    assert not submit(1, theirs)  # not rank 1's client
+    assert not submit(7, mine)  # no such rank
+    assert submit(1, mine)
+    record = endpoint.close_when_ready(0)  # the deadline (5 s) closes it: two clients never answer
     assert record.received == [mine] and theirs in record.rejected
-    assert torch.equal(state["w"], torch.ones(2))
-    assert not endpoint.submit(1, ClientUpdate(mine, 0, 5, {"w": torch.ones(2)}))  # late: dropped
+    outcome = endpoint.publish(0)
+    assert torch.equal(outcome.global_state["w"], torch.ones(2))
+    assert endpoint.fetch_outcome(1, 0) == (outcome.global_state, False)
+    assert not submit(1, mine)  # late: dropped
+
+
+def test_the_endpoint_delivers_each_client_its_own_instructions() -> None:
+    class PerClient(FedAvg):
+        def configure_round(self, round_idx: int, num_clients: int) -> RoundPlan:
+            plan = super().configure_round(round_idx, num_clients)
+            plan.instructions = {c: {"local_steps": 1 + c} for c in plan.client_ids}
+            return plan
+
+    server = FederatedServer(PerClient(4, seed=0), num_clients=8)
+    server.initialize({"w": torch.zeros(2)})
+    endpoint = ServerEndpoint(server, Codec(), {"w": torch.zeros(2)}, 2, "simulation", 5, 5)
+    endpoint.open_round(0)
+    for rank in (0, 1):
+        ticket, _ = endpoint.fetch_round(rank, 0)
+        assert sorted(ticket.instructions) == ticket.client_ids  # only its own clients' instructions
+        assert all(told == {"local_steps": 1 + c} for c, told in ticket.instructions.items())
+
+
+def test_a_reported_failure_stops_every_rank_with_its_reason() -> None:
+    server = FederatedServer(FedAvg(2, seed=0), num_clients=4)
+    server.initialize({"w": torch.zeros(2)})
+    endpoint = ServerEndpoint(server, Codec(), {"w": torch.zeros(2)}, 3, "simulation", 5, 5)
+    rung: list[str] = []
+    endpoint.on_abort = rung.append
+    endpoint.open_round(0)
+    endpoint.abort("rank 2 failed in round 0: RuntimeError: boom", rank=2)
+    assert rung == ["rank 2 failed in round 0: RuntimeError: boom"]  # rank 0's main thread is told
+    for answer in (endpoint.heartbeat(1), endpoint.fetch_round(1, 0), endpoint.fetch_outcome(1, 0)):
+        assert isinstance(answer, Aborted) and "rank 2 failed" in answer.reason
+    assert endpoint.told == {1, 2} and endpoint.gone == set()
+    with pytest.raises(FederationAborted, match="rank 2 failed in round 0"):
+        endpoint.close_when_ready(0)
+    endpoint.goodbye(1)
+    endpoint.goodbye(2)
+    start = time.monotonic()
+    endpoint.wait_for_goodbyes(timeout_s=30)  # both said goodbye: the server may go at once
+    assert time.monotonic() - start < 1

@@ -12,8 +12,10 @@ import torch
 from lightning_fedpeft import FedPEFTModule, RoundSync
 from lightning_fedpeft.cache import ActivationCache
 from lightning_fedpeft.cost import CostModel
-from lightning_fedpeft.fedadapter import ProgressiveUpgrade, TrialGroupStrategy
-from lightning_fedpeft.strategy import ClientUpdate
+from lightning_fedpeft.fedadapter import EvaluateState, GrowState, ProgressiveUpgrade, RoundCost, TrialGroupStrategy
+from lightning_fedpeft.protocol import ClientUpdate
+from lightning_fedpeft.server import FederatedServer
+from lightning_fedpeft.state import trainable_state
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -49,7 +51,7 @@ def test_widening_and_deepening_preserve_the_function() -> None:
     assert module.adapter_config == (2, 16)
     torch.testing.assert_close(module.model(**batch).logits, before, rtol=0, atol=1e-5)
     # The grown state names the new configuration; a module in another configuration adopts it on load.
-    state = module.get_trainable_state()
+    state = trainable_state(module)
     adapters = [k for k in state if ".adapter." in k]
     assert len(adapters) == 2 * 4 and all(state[k].shape[0] == 16 for k in adapters if k.endswith("down.weight"))
     other = _trained_adapter_module(depth=1, width=8)
@@ -102,69 +104,84 @@ def test_cache_is_bounded_and_dropped_when_depth_grows() -> None:
 
 
 class _Scripted:
-    """Grow/evaluate/cost functions for the server half with scripted accuracies."""
+    """Answers the strategy's queries with scripted accuracies and costs, where the model would."""
 
     def __init__(self, accuracies: list[float], costs: dict[tuple[int, int], float]) -> None:
         self.accuracies = list(accuracies)
         self.costs = costs
         self.grown: list[tuple[int, int]] = []
 
-    def grow(self, state: dict, config: tuple[int, int]) -> dict:
-        self.grown.append(config)
-        return {"w": torch.full((1,), float(config[0] * 100 + config[1]))}
+    def answer(self, query: object) -> object:
+        if isinstance(query, EvaluateState):
+            return self.accuracies.pop(0)
+        if isinstance(query, GrowState):
+            self.grown.append(query.config)
+            return {"w": torch.full((1,), float(query.config[0] * 100 + query.config[1]))}
+        assert isinstance(query, RoundCost)
+        return self.costs[query.config]
 
-    def evaluate(self, state: dict) -> float:
-        return self.accuracies.pop(0)
 
-    def cost(self, config: tuple[int, int]) -> float:
-        return self.costs[config]
+def _server(strategy: TrialGroupStrategy, script: _Scripted, num_clients: int) -> FederatedServer:
+    # A bandwidth so high that a round's simulated time is its clients' compute (1 s each, below).
+    server = FederatedServer(strategy, num_clients, cost_model=CostModel("tx2", bandwidth_mbps=1e12))
+    server.initialize({"w": torch.zeros(1)})
+    _settle(server, script)
+    return server
 
 
-def _run_window(strategy: TrialGroupStrategy, num_clients: int, round0: int) -> tuple[list, dict]:
-    plans, state = [], {"w": torch.zeros(1)}
-    rounds = sum(t.rounds for t in strategy.trials)
-    for r in range(round0, round0 + rounds):
-        plan = strategy.configure_round(r, num_clients)
-        plans.append((strategy.trials[strategy.phase].name, plan.client_ids))
-        updates = [ClientUpdate(c, r, 10, state, {"sim_round_s": 1.0}) for c in plan.client_ids]
-        state = strategy.aggregate(r, state, updates)
-    return plans, state
+def _settle(server: FederatedServer, script: _Scripted) -> None:
+    while queries := server.queries():
+        for query in queries:
+            server.answer(query, script.answer(query))
+
+
+def _run_window(server: FederatedServer, script: _Scripted, round0: int) -> list[tuple[str, list[int], dict]]:
+    strategy = server.strategy
+    plans = []
+    for r in range(round0, round0 + sum(t.rounds for t in strategy.trials)):
+        plan = server.open_round(r)
+        plans.append((strategy.trials[strategy.phase].name, plan.client_ids, plan.instructions))
+        for c in plan.client_ids:
+            assert server.submit(ClientUpdate(c, r, 10, dict(server.global_state), {"sim_compute_s": 1.0}))
+        server.close_round()
+        _settle(server, script)
+        server.finish_round()
+    return plans
 
 
 def test_trial_groups_split_the_participants_and_the_best_validation_accuracy_wins() -> None:
     # Window 0 from (1, 8): shallow costs 1 s/round, deeper 2, wider 1.5; budget T0 * (4*1 + 1) = 6 s.
     costs = {(1, 8): 1.0, (2, 8): 2.0, (1, 16): 1.5, (2, 16): 2.5, (3, 8): 3.0, (1, 24): 2.0}
     script = _Scripted([0.30, 0.40, 0.55, 0.50], costs)  # start, shallow, deeper, wider
-    strategy = TrialGroupStrategy(
-        clients_per_group=2,
-        num_layers=4,
-        start=(1, 8),
-        window_s=1.2,
-        grow_fn=script.grow,
-        evaluate_fn=script.evaluate,
-        cost_fn=script.cost,
-        seed=3,
-    )
-    strategy.start_window({"w": torch.zeros(1)})
+    strategy = TrialGroupStrategy(clients_per_group=2, num_layers=4, start=(1, 8), window_s=1.2, seed=3)
+    server = _server(strategy, script, num_clients=10)
     assert [(t.name, t.depth, t.width, t.rounds) for t in strategy.trials] == [
         ("shallow", 1, 8, 6),
         ("deeper", 2, 8, 3),
         ("wider", 1, 16, 4),  # floor(6 / cost): cheaper runs more
     ]
-    plans, state = _run_window(strategy, num_clients=10, round0=0)
+    plans = _run_window(server, script, round0=0)
     # Round j of every group draws from one sample; the groups' slices are disjoint.
-    assert all(len(ids) == 2 for _, ids in plans)
-    by_group = {name: [ids for n, ids in plans if n == name] for name in ("shallow", "deeper", "wider")}
+    assert all(len(ids) == 2 for _, ids, _ in plans)
+    by_group = {name: [ids for n, ids, _ in plans if n == name] for name in ("shallow", "deeper", "wider")}
     for j in range(3):
         a, b, c = (set(by_group[g][j]) for g in ("shallow", "deeper", "wider"))
         assert not (a & b or a & c or b & c)
+    # Every client of a group is told its group's configuration (and the decided depth, for its cache).
+    trained = {"shallow": (1, 8), "deeper": (2, 8), "wider": (1, 16)}
+    for name, ids, told in plans:
+        assert sorted(told) == ids
+        assert {(t["adapter_depth"], t["adapter_width"], t["decided_depth"]) for t in told.values()} == {
+            (*trained[name], 1)
+        }
     # Candidates start from the window's model grown to their configuration.
     assert script.grown == [(2, 8), (1, 16)]
     # deeper had the best validation accuracy: everyone continues from its model and configuration.
-    assert strategy.config == (2, 8) and state["w"].item() == 208.0
+    assert strategy.config == (2, 8) and server.global_state["w"].item() == 208.0
     (decision,) = strategy.decisions
     assert decision.winner == "deeper" and decision.val_acc == 0.55 and decision.gain == pytest.approx(0.25)
     assert decision.sim_time_h == pytest.approx(3 / 3600)  # the clock advances by the winner's 3 rounds
+    assert strategy.sim_time_s == pytest.approx(3.0)
     # The next window is planned from the winner: budget T0 * (4*2 + 1).
     assert [(t.name, t.depth, t.width) for t in strategy.trials] == [
         ("shallow", 2, 8),
@@ -177,19 +194,28 @@ def test_trial_groups_split_the_participants_and_the_best_validation_accuracy_wi
 def test_a_tie_keeps_the_cheaper_candidate_and_state_round_trips() -> None:
     costs = {(0, 8): 1.0, (1, 8): 2.0}
     script = _Scripted([0.2, 0.5, 0.5], costs)
-    kwargs = dict(clients_per_group=1, num_layers=2, start=(0, 8), window_s=2.0, cost_fn=script.cost, seed=0)
-    strategy = TrialGroupStrategy(grow_fn=script.grow, evaluate_fn=script.evaluate, **kwargs)
-    strategy.start_window({"w": torch.zeros(1)})
+    kwargs = dict(clients_per_group=1, num_layers=2, start=(0, 8), window_s=2.0, seed=0)
+    strategy = TrialGroupStrategy(**kwargs)
+    server = _server(strategy, script, num_clients=4)
     assert [t.name for t in strategy.trials] == ["shallow", "deeper"]  # no "wider" at depth 0
     saved = strategy.state_dict()
-    _run_window(strategy, num_clients=4, round0=0)
+    _run_window(server, script, round0=0)
     assert strategy.decisions[0].winner == "shallow" and strategy.config == (0, 8)
-    restored = TrialGroupStrategy(grow_fn=script.grow, evaluate_fn=script.evaluate, **kwargs)
+    restored = TrialGroupStrategy(**kwargs)
     restored.load_state_dict(strategy.state_dict())
     assert restored.state_dict()["decisions"] == strategy.state_dict()["decisions"]
-    assert restored.config == strategy.config and restored.clock_s == strategy.clock_s
+    assert restored.config == strategy.config and restored.sim_time_s == strategy.sim_time_s
     assert [t.name for t in restored.trials] == [t.name for t in strategy.trials]
     assert saved["window"] == 0 and restored.window == 1
+    assert restored.queries() == [] and restored.may_stop()  # restored between rounds, with nothing to ask
+
+
+def test_t0_from_window_rounds_is_that_many_rounds_of_the_start_configuration() -> None:
+    script = _Scripted([0.1], {(0, 8): 2.5, (1, 8): 4.0})
+    strategy = TrialGroupStrategy(clients_per_group=1, num_layers=2, start=(0, 8), window_rounds=3.0)
+    _server(strategy, script, num_clients=4)
+    assert strategy.window_s == pytest.approx(7.5) and strategy.budget_s() == pytest.approx(7.5)
+    assert [(t.name, t.rounds) for t in strategy.trials] == [("shallow", 3), ("deeper", 1)]
 
 
 def test_progressive_upgrade_runs_and_its_state_rides_in_the_checkpoint(
@@ -203,7 +229,7 @@ def test_progressive_upgrade_runs_and_its_state_rides_in_the_checkpoint(
             num_labels=data.num_labels, num_hidden_layers=2, method="adapter", depth=2, lr=5e-3, activation_cache_mb=64
         )
         sync = RoundSync(clients_per_round=2, seed=0, cost_model=CostModel("tx2", 1.0))
-        upgrade = ProgressiveUpgrade(clients_per_group=2, window_rounds=1, start_depth=0, start_width=8)
+        upgrade = ProgressiveUpgrade(window_rounds=1, start_depth=0, start_width=8)
         trainer = trainer_factory(max_epochs=6, callbacks=[sync, upgrade], limit_val_batches=0)
         return model, sync, upgrade, trainer
 
@@ -211,16 +237,19 @@ def test_progressive_upgrade_runs_and_its_state_rides_in_the_checkpoint(
     trainer.fit(model, datamodule=data)
     assert upgrade.decisions, "at least one decision window closes in 6 rounds"
     assert all("sim_time_h" in row for row in sync.history)
-    assert model.adapter_config == upgrade.strategy.config or upgrade.strategy.phase > 0
+    # fit returns the last published global model: the configuration of the trial that trains next.
+    trial = upgrade.strategy.trials[upgrade.strategy.phase]
+    assert model.adapter_config == (trial.depth, trial.width)
     ckpt = tmp_path / "run.ckpt"
     trainer.save_checkpoint(ckpt)
 
     model2, sync2, upgrade2, trainer2 = build()
     trainer2.fit_loop.max_epochs = 6
     trainer2.fit(model2, datamodule=data, ckpt_path=str(ckpt))  # nothing left to train: restores only
-    assert upgrade2.state_dict()["decisions"] == upgrade.state_dict()["decisions"]
+    assert upgrade2.strategy.state_dict()["decisions"] == upgrade.strategy.state_dict()["decisions"]
     assert upgrade2.strategy.config == upgrade.strategy.config
-    assert upgrade2.strategy.clock_s == upgrade.strategy.clock_s
+    assert upgrade2.strategy.sim_time_s == upgrade.strategy.sim_time_s
+    assert sync2.history == sync.history
     assert model2.adapter_config == model.adapter_config
 
 
@@ -231,7 +260,7 @@ def test_a_simulated_time_budget_ends_fedadapter_only_at_a_decision(stackoverflo
     data = stackoverflow(num_clients=12, max_train_examples=240, max_val_examples=64, max_test_examples=64)
     model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method="adapter", depth=2, lr=5e-3)
     sync = RoundSync(clients_per_round=2, seed=0, cost_model=CostModel("tx2", 1.0), max_sim_hours=1e-9)
-    upgrade = ProgressiveUpgrade(clients_per_group=2, window_rounds=1, start_depth=0, start_width=8)
+    upgrade = ProgressiveUpgrade(window_rounds=1, start_depth=0, start_width=8)
     trainer = trainer_factory(max_epochs=20, callbacks=[sync, upgrade], limit_val_batches=0)
     trainer.fit(model, datamodule=data)
     assert len(upgrade.decisions) == 1

@@ -16,9 +16,9 @@ from lightning_fedpeft.fedara import (
     RankAllocation,
     RankAllocationStrategy,
 )
+from lightning_fedpeft.protocol import ClientUpdate
 from lightning_fedpeft.server import FederatedServer
 from lightning_fedpeft.state import trainable_state
-from lightning_fedpeft.strategy import ClientUpdate
 from lightning_fedpeft.tuners.svd import module_names_in_state, pack, svd_layers, triplet_keys, unpack
 
 
@@ -89,15 +89,17 @@ def test_allocation_masks_exactly_the_lowest_scored_triplets_and_meets_each_budg
     for round_idx in range(6):
         plan = server.open_round(round_idx)
         for cid in plan.client_ids:
-            extras = {}
+            tensors = {}
             for m in modules:  # what a client sends: one value per active triplet (all of them at first)
                 mask = strategy.masks.get(m, torch.ones(4, dtype=torch.bool))
                 if mask.any():
-                    extras[m + IMPORTANCE] = script[m][mask]
-            update = ClientUpdate(cid, round_idx, 10, {k: v.clone() for k, v in server.global_state.items()})
-            update.extras = extras if strategy.wants_importance(round_idx) else {}
-            assert server.submit(update), server.record.rejected
+                    tensors[m + IMPORTANCE] = script[m][mask]
+            told = plan.instructions.get(cid, {}).get("importance", False)  # the plan says when to send them
+            assert told == (round_idx + 1 <= schedule.last_mask_round)
+            state = {k: v.clone() for k, v in server.global_state.items()}
+            assert server.submit(ClientUpdate(cid, round_idx, 10, state, tensors=tensors if told else {}))
         server.close_round()
+        server.finish_round()
         budget = schedule.budget(round_idx + 1)
         assert strategy.active_ranks == budget, f"round {round_idx}: {strategy.active_ranks} active, budget {budget}"
         masked = {(m, i) for m in modules for i in range(4) if not strategy.masks[m][i]}
@@ -113,8 +115,7 @@ def test_an_update_without_importance_is_rejected_while_allocation_needs_it() ->
     schedule = BudgetSchedule(init_budget=4, target_budget=2, total_rounds=4, warmup_rounds=1)
     strategy = RankAllocationStrategy(1, schedule)
     server = FederatedServer(strategy, num_clients=1)
-    server.initialize(state)
-    strategy.start(state)
+    server.initialize(state)  # the strategy takes the starting state: every triplet active
     server.open_round(0)
     assert not server.submit(ClientUpdate(0, 0, 5, dict(state)))
     assert "no importance" in server.record.rejected[0]
@@ -232,7 +233,7 @@ def test_rank_allocation_cuts_the_wire_and_its_state_rides_in_the_checkpoint(
     ckpt = tmp_path / "fedara.ckpt"
     trainer_a.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=False)
-    assert any("masks" in s for s in saved["callbacks"].values())
+    assert any("masks" in s.get("strategy", {}) for s in saved["callbacks"].values())  # RoundSync's state
     pl.seed_everything(0)
     model_b, _, alloc_b, trainer_b = _build(data, trainer_factory, max_epochs=6)
     trainer_b.fit(model_b, datamodule=data, ckpt_path=str(ckpt))

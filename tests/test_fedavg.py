@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
+from lightning_fedpeft.protocol import ClientUpdate
 from lightning_fedpeft.server import FederatedServer
-from lightning_fedpeft.strategy import ClientUpdate, FedAvg
+from lightning_fedpeft.strategy import FedAvg
 
 
 def test_fedavg_matches_hand_computation_with_unequal_counts() -> None:
@@ -53,7 +54,8 @@ def test_server_rejects_bad_updates_and_completes_the_round() -> None:
     assert not server.submit(ClientUpdate(b, 0, 4, {"v": torch.ones(2, 2)}))
     assert server.submit(ClientUpdate(b, 0, 4, {"w": torch.ones(2, 2)}))
     assert not server.submit(ClientUpdate(b, 0, 4, {"w": torch.ones(2, 2)})), "duplicate accepted"
-    new = server.close_round()
+    server.close_round()
+    new = server.finish_round().global_state
     assert torch.equal(new["w"], torch.ones(2, 2)), "only the valid update is averaged"
     assert "non-finite" in server.record.rejected[a]
     assert server.record.received == [b]

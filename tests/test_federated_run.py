@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_fedpeft import FedPEFTModule, RoundSync
 from lightning_fedpeft.cost import CostModel
-from lightning_fedpeft.state import state_nbytes
+from lightning_fedpeft.state import state_nbytes, trainable_state
 
 
 def test_three_rounds_beat_chance_on_held_out_data(stackoverflow, trainer_factory, tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_three_rounds_beat_chance_on_held_out_data(stackoverflow, trainer_factor
 
     # Per-round accounting: one row per round, real tensor sizes each way, a wall time, validation metrics.
     assert [row["round"] for row in sync.history] == [0, 1, 2]
-    state_bytes = state_nbytes(model.get_trainable_state())
+    state_bytes = state_nbytes(trainable_state(model))
     for row in sync.history:
         assert row["clients"] == 4 and row["missing"] == 0
         assert row["bytes_up"] == row["bytes_down"] == 4 * state_bytes

@@ -56,7 +56,6 @@ def test_trainable_state_round_trip(method: str) -> None:
     module = FedPEFTModule(num_labels=3, num_hidden_layers=2, method=method, depth=1, width=8, rank=2)
     state = trainable_state(module)
     assert state and all(p.requires_grad for n, p in module.named_parameters() if n in state)
-    assert not any("classifier" in n for n in state) or method != "never"
     assert any("classifier" in n for n in state), "the classification head must always train"
     frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     perturbed = {n: t + torch.randn_like(t) for n, t in state.items()}

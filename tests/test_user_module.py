@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fedpeft import RoundSync
+from lightning_fedpeft import ClientContext, ClientResult, FederatedAlgorithm, FedProx, RoundSync
 from lightning_fedpeft.data import partition_clients
+from lightning_fedpeft.protocol import RoundPlan
 from lightning_fedpeft.rounds import RoundBatchSampler
 from lightning_fedpeft.strategy import FedAvg
 
@@ -49,15 +53,23 @@ class UserData(pl.LightningDataModule):
         return DataLoader(_dataset(), batch_size=BATCH, shuffle=True)
 
 
-def _reference_fedavg() -> nn.Sequential:
-    """The same rounds in bare PyTorch: copy the global model, train each client, average by sample count."""
+def _reference_fedavg(mu: float = 0.0, steps_of: Callable[[int], int] | None = None) -> nn.Sequential:
+    """The same rounds in bare PyTorch: copy the global model, train each client, average by sample count.
+
+    ``mu``: FedProx's proximal term ``mu / 2 * ||w - w_global||^2`` added to every local loss;
+    ``steps_of``: each client's own number of local steps (default: ``STEPS`` for all).
+    """
     data = _dataset()
     clients = partition_clients([0] * len(data), NUM_CLIENTS, "iid", seed=SEED)
     strategy = FedAvg(PER_ROUND, seed=SEED)
     global_net = _net()
     for round_idx in range(ROUNDS):
         plan = strategy.configure_round(round_idx, NUM_CLIENTS)
-        sampler = RoundBatchSampler(clients, plan.client_ids, BATCH, local_steps=STEPS, seed=SEED, round_idx=round_idx)
+        told = {c: {"local_steps": steps_of(c)} for c in plan.client_ids} if steps_of else None
+        sampler = RoundBatchSampler(
+            clients, plan.client_ids, BATCH, local_steps=STEPS, seed=SEED, round_idx=round_idx, instructions=told
+        )
+        anchor = [p.detach().clone() for p in global_net[2].parameters()]
         results = []
         for seg in sampler.segments:
             net = copy.deepcopy(global_net)
@@ -65,7 +77,9 @@ def _reference_fedavg() -> nn.Sequential:
             for batch in sampler.batches[seg.first_batch : seg.last_batch + 1]:
                 x, y = data[batch]
                 opt.zero_grad()
-                nn.functional.cross_entropy(net(x), y).backward()
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(net[2].parameters(), anchor, strict=True))
+                loss = nn.functional.cross_entropy(net(x), y) + mu / 2 * prox
+                loss.backward()
                 opt.step()
             results.append((len(clients[seg.client_id]), net[2].state_dict()))
         total = sum(n for n, _ in results)
@@ -74,14 +88,15 @@ def _reference_fedavg() -> nn.Sequential:
     return global_net
 
 
-def _sync() -> RoundSync:
-    return RoundSync(clients_per_round=PER_ROUND, num_clients=NUM_CLIENTS, local_steps=STEPS, seed=SEED)
+def _sync(**kwargs: Any) -> RoundSync:
+    return RoundSync(clients_per_round=PER_ROUND, num_clients=NUM_CLIENTS, local_steps=STEPS, seed=SEED, **kwargs)
 
 
-def _trainer(rounds: int, sync: RoundSync, **kwargs: object) -> pl.Trainer:
-    """A quiet Trainer for ``rounds`` rounds with ``sync``; ``kwargs`` override the defaults."""
+def _trainer(rounds: int, sync: RoundSync, *algorithms: Callback, **kwargs: object) -> pl.Trainer:
+    """A quiet Trainer for ``rounds`` rounds with ``sync`` (and ``algorithms``); ``kwargs`` override the defaults."""
     args = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
-    return pl.Trainer(max_epochs=rounds, callbacks=[sync], enable_model_summary=False, **(args | kwargs))
+    callbacks = [sync, *algorithms]
+    return pl.Trainer(max_epochs=rounds, callbacks=callbacks, enable_model_summary=False, **(args | kwargs))
 
 
 def test_round_sync_federates_a_plain_user_module_exactly_like_hand_written_fedavg() -> None:
@@ -134,3 +149,73 @@ def test_round_history_rides_in_the_checkpoint_and_a_resumed_run_continues(tmp_p
     # Resuming from round 2 lands on the same global model as the uninterrupted run.
     reference = _reference_fedavg()
     assert torch.allclose(module.net[2].weight, reference[2].weight, atol=1e-6)
+
+
+# -- the algorithm interface on a plain module: per-client instructions, FedProx -----------------------------------
+class StepsByClient(FedAvg):
+    """A strategy that tells every client its own number of local steps (and a note of its own)."""
+
+    def configure_round(self, round_idx: int, num_clients: int) -> RoundPlan:
+        plan = super().configure_round(round_idx, num_clients)
+        plan.instructions = {c: {"local_steps": 1 + c % 3, "note": f"client {c}"} for c in plan.client_ids}
+        return plan
+
+
+class RecordClients(FederatedAlgorithm):
+    """Records what every client was told and how many local steps it took."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, dict, int]] = []
+        self._steps = 0
+
+    def on_client_start(self, ctx: ClientContext, pl_module: pl.LightningModule) -> None:
+        self._steps = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._steps += 1
+
+    def on_client_end(self, ctx: ClientContext, pl_module: pl.LightningModule) -> ClientResult:
+        self.seen.append((ctx.round, ctx.client_id, dict(ctx.instructions), self._steps))
+        return ClientResult(metrics={"steps_taken": float(self._steps)})
+
+
+def test_two_clients_of_a_round_get_different_instructions_and_each_trains_by_its_own() -> None:
+    module, recorder = UserModule(), RecordClients()
+    sync = _sync(strategy=StepsByClient(PER_ROUND, seed=SEED))
+    _trainer(ROUNDS, sync, recorder).fit(module, datamodule=UserData())
+    assert len(recorder.seen) == ROUNDS * PER_ROUND
+    for _, client, told, steps in recorder.seen:
+        assert told == {"local_steps": 1 + client % 3, "note": f"client {client}"} and steps == 1 + client % 3
+    assert any(len({steps for r, _, _, steps in recorder.seen if r == k}) == 2 for k in range(ROUNDS))
+    # Each client trained exactly its instructed steps: the bare-PyTorch rounds with those steps agree.
+    reference = _reference_fedavg(steps_of=lambda c: 1 + c % 3)
+    assert torch.allclose(module.net[2].weight, reference[2].weight, atol=1e-6)
+    assert not torch.allclose(module.net[2].weight, _reference_fedavg()[2].weight, atol=1e-4)
+    assert all("steps_taken" in row for row in sync.history)  # an algorithm's numbers join the round's row
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_fedprox_is_bare_pytorch_with_the_proximal_term_in_the_loss(mu: float) -> None:
+    module = UserModule()
+    sync = _sync()
+    _trainer(ROUNDS, sync, FedProx(mu=mu)).fit(module, datamodule=UserData())
+    reference = _reference_fedavg(mu=mu)
+    assert torch.allclose(module.net[2].weight, reference[2].weight, atol=1e-6)
+    assert torch.allclose(module.net[2].bias, reference[2].bias, atol=1e-6)
+    plain = _reference_fedavg()
+    assert torch.allclose(reference[2].weight, plain[2].weight) == (mu == 0.0)  # the term changes training
+    assert all(row["fedprox_distance"] > 0 for row in sync.history)
+
+
+def test_fedprox_takes_a_per_client_mu_and_refuses_a_bad_one() -> None:
+    class MuByClient(FedAvg):
+        def configure_round(self, round_idx: int, num_clients: int) -> RoundPlan:
+            plan = super().configure_round(round_idx, num_clients)
+            plan.instructions = {c: {"fedprox_mu": 0.5} for c in plan.client_ids}
+            return plan
+
+    module, sync = UserModule(), _sync(strategy=MuByClient(PER_ROUND, seed=SEED))
+    _trainer(ROUNDS, sync, FedProx(mu=0.0)).fit(module, datamodule=UserData())
+    assert torch.allclose(module.net[2].weight, _reference_fedavg(mu=0.5)[2].weight, atol=1e-6)
+    with pytest.raises(ValueError, match=r"fedprox\.mu=-1 must be a finite number >= 0"):
+        FedProx(mu=-1)

@@ -1,7 +1,18 @@
-"""Lightning callbacks that make a Trainer federated."""
+"""Lightning callbacks that make a Trainer federated: RoundSync and every algorithm that runs on it."""
 
 from lightning_fedpeft.callbacks.client_resources import ClientResources
 from lightning_fedpeft.callbacks.progress import FederatedProgressBar
 from lightning_fedpeft.callbacks.round_sync import RoundSync
+from lightning_fedpeft.fedadapter import ProgressiveUpgrade
+from lightning_fedpeft.fedara import ModulePruning, RankAllocation
+from lightning_fedpeft.fedprox import FedProx
 
-__all__ = ["ClientResources", "FederatedProgressBar", "RoundSync"]
+__all__ = [
+    "ClientResources",
+    "FedProx",
+    "FederatedProgressBar",
+    "ModulePruning",
+    "ProgressiveUpgrade",
+    "RankAllocation",
+    "RoundSync",
+]

@@ -8,10 +8,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+
+from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm
 
 
-class ClientResources(Callback):
+class ClientResources(FederatedAlgorithm):
     """Measures every client's local training and adds, per round (mean over its clients), to ``rounds.csv``:
 
     * ``step_time_ms``: the median wall time of one local step (forward, backward, optimizer);
@@ -22,7 +23,7 @@ class ClientResources(Callback):
       one step (counted once per storage, through ``torch.autograd.graph.saved_tensors_hooks``). Unlike the
       RSS it does not depend on the allocator, so it shows plainly what a smaller trainable part saves.
 
-    Needs :class:`~lightning_fedpeft.RoundSync` (it registers as one of its client hooks).
+    A client-only algorithm: add it beside :class:`~lightning_fedpeft.RoundSync`.
     """
 
     def __init__(self) -> None:
@@ -33,31 +34,20 @@ class ClientResources(Callback):
         self._saved_peak = 0
         self._hooks: Any = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        from lightning_fedpeft.callbacks.round_sync import RoundSync
-
-        sync = next((cb for cb in trainer.callbacks if isinstance(cb, RoundSync)), None)
-        if sync is None:
-            raise ValueError(f"{type(self).__name__} needs a RoundSync callback (the federation) in the Trainer")
-        if self not in sync.client_hooks:
-            sync.client_hooks.append(self)
-
-    # -- RoundSync's client hooks ---------------------------------------------------------------------------
-    def on_client_start(self, pl_module: pl.LightningModule) -> None:
+    # -- the client half ---------------------------------------------------------------------------------------
+    def on_client_start(self, ctx: ClientContext, pl_module: pl.LightningModule) -> None:
         self._steps = []
         self._saved_peak = 0
         reset_peak_rss()
 
-    def on_client_end(self, pl_module: pl.LightningModule) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def on_client_end(self, ctx: ClientContext, pl_module: pl.LightningModule) -> ClientResult:
         metrics = {"saved_activation_mb": self._saved_peak / 2**20}
         if self._steps:
             metrics["step_time_ms"] = 1000.0 * statistics.median(self._steps)
         rss = peak_rss_mb()
         if rss is not None:
             metrics["peak_rss_mb"] = rss
-        return {}, metrics
+        return ClientResult(metrics=metrics)
 
     # -- Lightning hooks: time each step, count what autograd saves --------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:

@@ -2,36 +2,42 @@
 
 from __future__ import annotations
 
-from lightning_fedpeft.launchers.base import RoundChannel, RoundTicket
-from lightning_fedpeft.server import FederatedServer, RoundRecord
-from lightning_fedpeft.state import TrainableState
-from lightning_fedpeft.strategy import ClientUpdate, Strategy
+from dataclasses import replace
+
+from lightning_fedpeft.launchers.base import RoundChannel
+from lightning_fedpeft.protocol import ClientUpdate, RoundOutcome, RoundRecord, RoundTicket, TrainableState
+from lightning_fedpeft.server import FederatedServer
 
 
 class EmbeddedLauncher(RoundChannel):
-    """Server and all clients in this process; the server is called directly, nothing is serialized."""
+    """Server and all clients in this process; the server is called directly, nothing is serialized.
 
-    def __init__(self) -> None:
-        self.server: FederatedServer | None = None
+    States still pass through the codec (encode, then decode) so that compression behaves as on a wire.
+    """
 
-    def start(self, strategy: Strategy, num_clients: int, initial_state: TrainableState) -> None:
-        self.server = FederatedServer(strategy, num_clients, self.stop_rule)
-        self.server.initialize(initial_state)
+    def start(self, server: FederatedServer | None, reference: TrainableState) -> None:
+        if server is None:
+            raise ValueError("EmbeddedLauncher hosts the server: start() needs one")
+        self.server = server
+        self._reference = reference
+        self._sent: TrainableState = {}
 
     def begin_round(self, round_idx: int) -> RoundTicket:
         assert self.server is not None, "start() first"
-        plan = self.server.open_round(round_idx)
-        return RoundTicket(round_idx, list(plan.client_ids), self.server.global_state, plan.instructions)
+        wire = self.codec.encode(self.server.global_state, self._reference)
+        self._sent = self.codec.decode(wire, self._reference)  # what every client of the round receives
+        plan = self.server.open_round(round_idx, wire.nbytes)
+        return RoundTicket(round_idx, list(plan.client_ids), self._sent, plan.instructions, wire.nbytes)
 
     def submit(self, update: ClientUpdate) -> bool:
         assert self.server is not None
-        return self.server.submit(update)
+        wire = self.codec.encode(update.state, self._sent)
+        return self.server.submit(replace(update, state=self.codec.decode(wire, self._sent)), wire.nbytes)
 
-    def end_round(self, round_idx: int) -> tuple[TrainableState, RoundRecord | None]:
+    def close_round(self, round_idx: int) -> RoundRecord | None:
         assert self.server is not None
-        state = self.server.close_round()
-        record = self.server.record
-        assert record is not None
-        if record.final:
-            self.final_round = round_idx
-        return state, record
+        return self.server.close_round()
+
+    def finish_round(self, round_idx: int) -> RoundOutcome:
+        assert self.server is not None
+        return self.server.finish_round()

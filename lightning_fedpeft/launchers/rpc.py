@@ -3,8 +3,8 @@
 Every process runs the same ``Trainer.fit`` with a ``RoundSync`` whose launcher is an
 :class:`RPCLauncher`. Rank 0 owns the :class:`~lightning_fedpeft.server.FederatedServer` behind a
 :class:`ServerEndpoint`; the other ranks call it with ``rpc_sync``. Only plain data crosses the wire:
-the round's assignment, the global trainable state, and client updates (trainable tensors plus what
-an algorithm adds).
+the round's assignment and instructions, the global trainable state, and client updates (trainable
+tensors, encoded by the launcher's codec, plus what an algorithm adds).
 
 Modes:
 
@@ -18,7 +18,9 @@ updates that arrived when every participant has answered, when the deadline pass
 only participants still outstanding sit on ranks that went silent (no heartbeat for
 ``liveness_timeout_s``); missing clients are recorded. Updates for a closed round are dropped; updates
 that are not finite, have the wrong names or shapes, or come from a rank that was not assigned that
-client are rejected and logged. Silent ranks get no clients in later simulation rounds.
+client are rejected and logged. Silent ranks get no clients in later simulation rounds. A rank whose
+``fit`` raises tells the server, which stops the federation: every other rank ends promptly with a
+:class:`~lightning_fedpeft.launchers.base.FederationAborted` that names the failed rank and its error.
 
 Security: RPC and c10d have **no authentication and no encryption**. Anyone who can reach the
 rendezvous port or an RPC port can join or send data. Run only on trusted, private networks (see
@@ -28,27 +30,37 @@ submits only for the clients it was assigned, which stops mistakes, not attacker
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
+import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch.distributed.rpc as rpc
 
-from lightning_fedpeft.launchers.base import RoundChannel, RoundTicket
-from lightning_fedpeft.server import FederatedServer, RoundRecord
-from lightning_fedpeft.state import TrainableState, state_nbytes
-from lightning_fedpeft.strategy import ClientUpdate, Strategy
+from lightning_fedpeft.launchers.base import MODES, FederationAborted, RoundChannel
+from lightning_fedpeft.launchers.codec import Codec, WireState
+from lightning_fedpeft.protocol import ClientUpdate, RoundOutcome, RoundRecord, RoundTicket, TrainableState
+from lightning_fedpeft.server import FederatedServer
+from lightning_fedpeft.state import state_nbytes
 
 log = logging.getLogger(__name__)
 
-MODES = ("simulation", "real")
 _ENDPOINT: ServerEndpoint | None = None  # set on rank 0 only; the RPC functions below call into it
 
 
 def _worker_name(rank: int) -> str:
     return f"fedpeft{rank}"
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """What the endpoint answers every call with once the federation has stopped."""
+
+    reason: str
 
 
 @dataclass
@@ -57,9 +69,10 @@ class _RoundState:
     assignment: dict[int, int]  # client id -> rank
     opened_at: float
     instructions: dict[int, dict]
-    closed_state: TrainableState | None = None
-    final: bool = False  # the closed round's record is final: the run ends with it
-    fetched: set[int] = field(default_factory=set)  # ranks that collected the closed round's global state
+    wire: WireState  # the global state as it goes to every client of the round
+    sent: TrainableState  # ... and as they decode it (what their uploads are encoded against)
+    outcome: RoundOutcome | None = None  # published once the server has finished the round
+    fetched: set[int] = field(default_factory=set)  # ranks that collected the outcome
 
 
 class ServerEndpoint:
@@ -68,12 +81,16 @@ class ServerEndpoint:
     def __init__(
         self,
         server: FederatedServer,
+        codec: Codec,
+        reference: TrainableState,
         world_size: int,
         mode: str,
         round_deadline_s: float,
         liveness_timeout_s: float,
     ) -> None:
         self.server = server
+        self.codec = codec
+        self.reference = reference
         self.world_size = world_size
         self.mode = mode
         self.round_deadline_s = round_deadline_s
@@ -83,54 +100,96 @@ class ServerEndpoint:
         self.last_seen: dict[int, float] = {r: time.monotonic() for r in range(world_size)}
         self.rpc_bytes = {"up": 0, "down": 0}
         self._logged_bytes = {"up": 0, "down": 0}
+        self.aborted: Aborted | None = None
+        self.told: set[int] = set()  # ranks that have heard of the abort
+        self.gone: set[int] = set()  # ranks that said goodbye after it: they call no more
+        self.on_abort: Any = None  # called (in an RPC thread) when a client rank reports a failure
 
     # -- liveness ------------------------------------------------------------------------------------
-    def _touch(self, rank: int) -> None:
+    def _touch(self, rank: int) -> Aborted | None:
         self.last_seen[rank] = time.monotonic()
+        if self.aborted is not None:
+            self.told.add(rank)
+            self.cond.notify_all()
+        return self.aborted
 
     def silent_ranks(self) -> set[int]:
         now = time.monotonic()
         return {r for r, t in self.last_seen.items() if r != 0 and now - t > self.liveness_timeout_s}
 
-    def heartbeat(self, rank: int) -> None:
+    def heartbeat(self, rank: int) -> Aborted | None:
         with self.cond:
-            if 0 <= rank < self.world_size:
-                self._touch(rank)
-                self.cond.notify_all()
+            if not 0 <= rank < self.world_size:
+                return None
+            stop = self._touch(rank)
+            self.cond.notify_all()
+            return stop
+
+    def abort(self, reason: str, rank: int | None = None) -> None:
+        """Stop the federation: every later call from any rank is answered with the reason."""
+        with self.cond:
+            if self.aborted is None:
+                self.aborted = Aborted(reason)
+                log.error("the federation stops: %s", reason)
+            if rank is not None:
+                self.told.add(rank)
+            self.cond.notify_all()
+        if rank is not None and self.on_abort is not None:
+            self.on_abort(reason)
+
+    def goodbye(self, rank: int) -> None:
+        """``rank`` has stopped after the abort and makes no more calls."""
+        with self.cond:
+            self.told.add(rank)
+            self.gone.add(rank)
+            self.cond.notify_all()
+
+    def wait_for_goodbyes(self, timeout_s: float) -> None:
+        """After an abort: before the server goes away, let every live rank hear of it and stop calling.
+
+        Hearing is not enough: a rank's main thread may still be inside a call when its heartbeat thread
+        hears, and a server gone under that call leaves it a raw transport error instead of the reason.
+        """
+        end = time.monotonic() + timeout_s
+        with self.cond:
+            while time.monotonic() < end and set(range(1, self.world_size)) - self.gone - self.silent_ranks():
+                self.cond.wait(timeout=0.2)
 
     # -- the round -----------------------------------------------------------------------------------
     def open_round(self, round_idx: int) -> None:
         with self.cond:
-            plan = self.server.open_round(round_idx)
+            wire = self.codec.encode(self.server.global_state, self.reference)
+            plan = self.server.open_round(round_idx, wire.nbytes)
             if self.mode == "real":
                 assignment = {cid: cid for cid in plan.client_ids}
             else:
                 ranks = [r for r in range(self.world_size) if r not in self.silent_ranks()]
                 assignment = {cid: ranks[i % len(ranks)] for i, cid in enumerate(plan.client_ids)}
-            self.rounds[round_idx] = _RoundState(round_idx, assignment, time.monotonic(), dict(plan.instructions))
+            sent = self.codec.decode(wire, self.reference)
+            self.rounds[round_idx] = _RoundState(
+                round_idx, assignment, time.monotonic(), dict(plan.instructions), wire, sent
+            )
             self.rounds.pop(round_idx - 2, None)  # keep memory bounded; late callers of old rounds get None
             self.cond.notify_all()
 
-    def fetch_round(self, rank: int, round_idx: int) -> RoundTicket | None:
-        """The ticket of ``rank`` for ``round_idx``; ``None`` while the server has not opened it yet."""
+    def fetch_round(self, rank: int, round_idx: int) -> tuple[RoundTicket, WireState] | Aborted | None:
+        """The ticket of ``rank`` for ``round_idx`` (its state on the wire); ``None`` while not open yet."""
         with self.cond:
-            self._touch(rank)
+            if (stop := self._touch(rank)) is not None:
+                return stop
             state = self.rounds.get(round_idx)
-            if state is None or state.closed_state is not None:
+            if state is None or state.outcome is not None:
                 return None
             mine = [cid for cid, r in state.assignment.items() if r == rank]
             if rank != 0:
-                self.rpc_bytes["down"] += state_nbytes(self.server.global_state)
-            return RoundTicket(
-                round_idx,
-                mine,
-                self.server.global_state,
-                {cid: state.instructions.get(cid, {}) for cid in mine},
-            )
+                self.rpc_bytes["down"] += state.wire.nbytes
+            instructions = {cid: state.instructions.get(cid, {}) for cid in mine}
+            return RoundTicket(round_idx, mine, {}, instructions, state.wire.nbytes), state.wire
 
-    def submit(self, rank: int, update: ClientUpdate) -> bool:
+    def submit(self, rank: int, update: ClientUpdate, wire: WireState) -> bool | Aborted:
         with self.cond:
-            self._touch(rank)
+            if (stop := self._touch(rank)) is not None:
+                return stop
             state = self.rounds.get(update.round)
             expected = state.assignment.get(update.client_id) if state is not None else None
             if not 0 <= rank < self.world_size or (expected is not None and expected != rank):
@@ -141,17 +200,21 @@ class ServerEndpoint:
                 self.cond.notify_all()
                 return False
             if rank != 0:
-                self.rpc_bytes["up"] += state_nbytes(update.state)
-            accepted = self.server.submit(update)
+                self.rpc_bytes["up"] += wire.nbytes
+            # A round long gone has nothing to decode against; the server rejects the update as late.
+            update = replace(update, state=self.codec.decode(wire, state.sent) if state is not None else {})
+            accepted = self.server.submit(update, wire.nbytes)
             self.cond.notify_all()
             return accepted
 
-    def close_when_ready(self, round_idx: int) -> tuple[TrainableState, RoundRecord]:
+    def close_when_ready(self, round_idx: int) -> RoundRecord:
         """Block until every participant answered, the deadline passed, or only silent ranks are left."""
         with self.cond:
             state = self.rounds[round_idx]
             deadline = state.opened_at + self.round_deadline_s
             while True:
+                if self.aborted is not None:
+                    raise FederationAborted(self.aborted.reason)
                 outstanding = self.server.outstanding()
                 if not outstanding:
                     break
@@ -164,40 +227,44 @@ class ServerEndpoint:
                     log.warning("round %s: deadline of %.0f s passed", round_idx, self.round_deadline_s)
                     break
                 self.cond.wait(timeout=min(left, 0.5))
-            new_state = self.server.close_round()
-            record = self.server.record
-            assert record is not None
-            # Set before the state is published, so every rank learns it with the state it fetches.
-            state.final = record.final
-            state.closed_state = new_state
-            self.cond.notify_all()
-            # What actually crossed the wire (client ranks only; rank 0's own clients use no RPC) since the
-            # last close, and the seconds client ranks spent in transfers that carried data.
-            record.extras["rpc_bytes_up"] = self.rpc_bytes["up"] - self._logged_bytes["up"]
-            record.extras["rpc_bytes_down"] = self.rpc_bytes["down"] - self._logged_bytes["down"]
-            record.extras["rpc_s"] = sum(m.get("rpc_s", 0.0) for m in record.client_metrics.values())
-            self._logged_bytes = dict(self.rpc_bytes)
-            return new_state, record
+            return self.server.close_round()
 
-    def fetch_global(self, rank: int, round_idx: int) -> tuple[TrainableState, bool] | None:
-        """The closed round's global state and whether the run ends with it; ``None`` while still open."""
+    def publish(self, round_idx: int) -> RoundOutcome:
+        """After the server's queries: finish the round and let the client ranks collect its outcome."""
         with self.cond:
-            self._touch(rank)
+            outcome = self.server.finish_round()
+            record = outcome.record
+            assert record is not None
+            # What actually crossed the wire (client ranks only; rank 0's own clients use no RPC) since the
+            # last round, and the seconds client ranks spent in transfers that carried data.
+            record.metrics["rpc_bytes_up"] = self.rpc_bytes["up"] - self._logged_bytes["up"]
+            record.metrics["rpc_bytes_down"] = self.rpc_bytes["down"] - self._logged_bytes["down"]
+            record.metrics["rpc_s"] = sum(m.get("rpc_s", 0.0) for m in record.client_metrics.values())
+            self._logged_bytes = dict(self.rpc_bytes)
+            self.rounds[round_idx].outcome = outcome
+            self.cond.notify_all()
+            return outcome
+
+    def fetch_outcome(self, rank: int, round_idx: int) -> tuple[TrainableState, bool] | Aborted | None:
+        """The finished round's global state and whether the run ends with it; ``None`` while not finished."""
+        with self.cond:
+            if (stop := self._touch(rank)) is not None:
+                return stop
             state = self.rounds.get(round_idx)
-            if state is None or state.closed_state is None:
+            if state is None or state.outcome is None:
                 return None
-            self.rpc_bytes["down"] += state_nbytes(state.closed_state)
+            self.rpc_bytes["down"] += state_nbytes(state.outcome.global_state)
             state.fetched.add(rank)
             self.cond.notify_all()
-            return state.closed_state, state.final
+            return state.outcome.global_state, state.outcome.final
 
     def wait_for_clients_to_finish(self, timeout_s: float) -> None:
-        """Before the server goes away: let every live rank collect the last round's global state."""
+        """Before the server goes away: let every live rank collect the last round's outcome."""
         with self.cond:
-            closed = [r for r in self.rounds.values() if r.closed_state is not None]
-            if not closed:
+            finished = [r for r in self.rounds.values() if r.outcome is not None]
+            if not finished:
                 return
-            last = max(closed, key=lambda r: r.round)
+            last = max(finished, key=lambda r: r.round)
             end = time.monotonic() + timeout_s
             while time.monotonic() < end:
                 waiting = set(range(1, self.world_size)) - last.fetched - self.silent_ranks()
@@ -208,24 +275,35 @@ class ServerEndpoint:
 
 
 # Module-level functions: RPC ships a function by its qualified name and runs it on rank 0.
-def _remote_fetch_round(rank: int, round_idx: int) -> RoundTicket | None:
+def _endpoint() -> ServerEndpoint:
     assert _ENDPOINT is not None, "this process hosts no server"
-    return _ENDPOINT.fetch_round(rank, round_idx)
+    return _ENDPOINT
 
 
-def _remote_submit(rank: int, update: ClientUpdate) -> bool:
-    assert _ENDPOINT is not None, "this process hosts no server"
-    return _ENDPOINT.submit(rank, update)
+def _remote_fetch_round(rank: int, round_idx: int) -> tuple[RoundTicket, WireState] | Aborted | None:
+    return _endpoint().fetch_round(rank, round_idx)
 
 
-def _remote_fetch_global(rank: int, round_idx: int) -> tuple[TrainableState, bool] | None:
-    assert _ENDPOINT is not None, "this process hosts no server"
-    return _ENDPOINT.fetch_global(rank, round_idx)
+def _remote_submit(rank: int, update: ClientUpdate, wire: WireState) -> bool | Aborted:
+    return _endpoint().submit(rank, update, wire)
 
 
-def _remote_heartbeat(rank: int) -> None:
+def _remote_fetch_outcome(rank: int, round_idx: int) -> tuple[TrainableState, bool] | Aborted | None:
+    return _endpoint().fetch_outcome(rank, round_idx)
+
+
+def _remote_heartbeat(rank: int) -> Aborted | None:
+    return None if _ENDPOINT is None else _ENDPOINT.heartbeat(rank)
+
+
+def _remote_abort(rank: int, reason: str) -> None:
     if _ENDPOINT is not None:
-        _ENDPOINT.heartbeat(rank)
+        _ENDPOINT.abort(reason, rank=rank)
+
+
+def _remote_goodbye(rank: int) -> None:
+    if _ENDPOINT is not None:
+        _ENDPOINT.goodbye(rank)
 
 
 def distributed_env() -> tuple[int, int] | None:
@@ -234,6 +312,39 @@ def distributed_env() -> tuple[int, int] | None:
         return None
     world = int(os.environ["WORLD_SIZE"])
     return (int(os.environ["RANK"]), world) if world > 1 else None
+
+
+class _MainThreadAlarm:
+    """Raises :class:`FederationAborted` in the main thread when another thread learns the run stopped.
+
+    The main thread may be deep in local training, which can last minutes before its next call to the
+    server; a simulated ``SIGUSR1`` (``_thread.interrupt_main``) runs the handler at its next Python
+    bytecode. Installed only while ``fit`` runs, and only where there is a main thread and ``SIGUSR1``.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: Any = None
+        self.armed = False
+
+    def arm(self) -> None:
+        if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGUSR1, self._raise)
+        self.armed = True
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        raise FederationAborted(self.reason or "the federation stopped")
+
+    def ring(self, reason: str) -> None:
+        if self.reason is None and self.armed:
+            self.reason = reason
+            _thread.interrupt_main(signal.SIGUSR1)
+
+    def disarm(self) -> None:
+        if self.armed:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self.armed = False
 
 
 class RPCLauncher(RoundChannel):
@@ -246,6 +357,7 @@ class RPCLauncher(RoundChannel):
         wait_timeout_s: how long a client rank waits for the server to open or close a round before it
             gives up (covers the server's validation between rounds).
         heartbeat_s: how often client ranks tell the server they are alive.
+        compression: the codec of states on the wire (see :mod:`~lightning_fedpeft.launchers.codec`).
     """
 
     def __init__(
@@ -255,7 +367,9 @@ class RPCLauncher(RoundChannel):
         liveness_timeout_s: float = 60.0,
         wait_timeout_s: float = 1800.0,
         heartbeat_s: float = 2.0,
+        compression: str = "none",
     ) -> None:
+        super().__init__(compression)
         if mode not in MODES:
             raise ValueError(f"federation.mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
         for name, value in (
@@ -282,17 +396,43 @@ class RPCLauncher(RoundChannel):
         self._started = False
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._alarm = _MainThreadAlarm()
+        self._reference: TrainableState = {}
+        self._received: TrainableState = {}
+        self.stopped_by: str | None = None  # why the federation stopped, once this process knows it
         self.rpc_seconds = 0.0
 
-    # -- connection ----------------------------------------------------------------------------------
-    def start(self, strategy: Strategy, num_clients: int, initial_state: TrainableState) -> None:
-        global _ENDPOINT
-        if self.rank == 0:
-            server = FederatedServer(strategy, num_clients, self.stop_rule)
-            server.initialize(initial_state)
-            self.endpoint = ServerEndpoint(
-                server, self.world_size, self.mode, self.round_deadline_s, self.liveness_timeout_s
+    def check_round_size(self, clients_per_round: int) -> None:
+        # Lightning ends fit after an epoch without batches, so every rank must train every round.
+        if self.mode == "simulation" and clients_per_round < self.world_size:
+            raise ValueError(
+                f"federation.clients_per_round={clients_per_round} is below the {self.world_size} ranks; every "
+                f"rank trains at least one client per round, so use at least {self.world_size}"
             )
+        if self.mode == "real" and clients_per_round != self.world_size:
+            raise ValueError(
+                f"federation.mode='real': every rank is one client and trains every round; set "
+                f"federation.clients_per_round={self.world_size} (the number of ranks)"
+            )
+
+    # -- connection ----------------------------------------------------------------------------------
+    def start(self, server: FederatedServer | None, reference: TrainableState) -> None:
+        global _ENDPOINT
+        self._reference = reference
+        if self.rank == 0:
+            if server is None:
+                raise ValueError("rank 0 hosts the server: RPCLauncher.start needs one")
+            self.server = server
+            self.endpoint = ServerEndpoint(
+                server,
+                self.codec,
+                reference,
+                self.world_size,
+                self.mode,
+                self.round_deadline_s,
+                self.liveness_timeout_s,
+            )
+            self.endpoint.on_abort = self._alarm.ring
             _ENDPOINT = self.endpoint
         if not self._started:
             options = rpc.TensorPipeRpcBackendOptions(
@@ -304,6 +444,7 @@ class RPCLauncher(RoundChannel):
                 _worker_name(self.rank), rank=self.rank, world_size=self.world_size, rpc_backend_options=options
             )
             self._started = True
+        self._alarm.arm()
         if self.rank != 0:
             self._beat = threading.Thread(target=self._heartbeat_loop, name="fedpeft-heartbeat", daemon=True)
             self._beat.start()
@@ -311,13 +452,22 @@ class RPCLauncher(RoundChannel):
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                rpc.rpc_sync(_worker_name(0), _remote_heartbeat, args=(self.rank,), timeout=self.heartbeat_s * 5)
+                answer = rpc.rpc_sync(
+                    _worker_name(0), _remote_heartbeat, args=(self.rank,), timeout=self.heartbeat_s * 5
+                )
             except Exception:  # the server may be busy or gone; the waits below report it
-                pass
+                continue
+            if isinstance(answer, Aborted):
+                self.stopped_by = answer.reason
+                self._alarm.ring(answer.reason)
+                return
 
     def _call(self, fn, *args):  # noqa: ANN001, ANN202
         start = time.perf_counter()
         result = rpc.rpc_sync(_worker_name(0), fn, args=(self.rank, *args), timeout=self.wait_timeout_s)
+        if isinstance(result, Aborted):
+            self.stopped_by = result.reason
+            raise FederationAborted(result.reason)
         if result is not None:  # a call that carried data (not an empty poll)
             self.rpc_seconds += time.perf_counter() - start
         return result
@@ -340,46 +490,77 @@ class RPCLauncher(RoundChannel):
         if self.rank == 0:
             assert self.endpoint is not None
             self.endpoint.open_round(round_idx)
-            ticket = self.endpoint.fetch_round(0, round_idx)
-            assert ticket is not None
-            return ticket
-        return self._poll(_remote_fetch_round, round_idx, "open")
+            fetched = self.endpoint.fetch_round(0, round_idx)
+            if isinstance(fetched, Aborted):
+                raise FederationAborted(fetched.reason)
+            assert fetched is not None
+        else:
+            fetched = self._poll(_remote_fetch_round, round_idx, "open")
+        ticket, wire = fetched
+        self._received = self.codec.decode(wire, self._reference)
+        return replace(ticket, global_state=self._received)
 
     def submit(self, update: ClientUpdate) -> bool:
+        wire = self.codec.encode(update.state, self._received)
+        bare = replace(update, state={})  # the state travels encoded, beside it
         if self.rank == 0:
             assert self.endpoint is not None
-            return self.endpoint.submit(0, update)
-        update.metrics["rpc_s"] = self.rpc_seconds  # transfer seconds since the previous update
+            accepted = self.endpoint.submit(0, bare, wire)
+            if isinstance(accepted, Aborted):
+                raise FederationAborted(accepted.reason)
+            return accepted
+        bare.metrics["rpc_s"] = self.rpc_seconds  # transfer seconds since the previous update
         self.rpc_seconds = 0.0
-        return bool(self._call(_remote_submit, update))
+        return bool(self._call(_remote_submit, bare, wire))
 
-    def end_round(self, round_idx: int) -> tuple[TrainableState, RoundRecord | None]:
+    def close_round(self, round_idx: int) -> RoundRecord | None:
+        if self.rank != 0:
+            return None
+        assert self.endpoint is not None
+        return self.endpoint.close_when_ready(round_idx)
+
+    def finish_round(self, round_idx: int) -> RoundOutcome:
         if self.rank == 0:
             assert self.endpoint is not None
-            new_state, record = self.endpoint.close_when_ready(round_idx)
-            if record.final:
-                self.final_round = round_idx
-            return new_state, record
-        new_state, final = self._poll(_remote_fetch_global, round_idx, "close")
-        if final:
-            self.final_round = round_idx
-        return new_state, None
+            return self.endpoint.publish(round_idx)
+        state, final = self._poll(_remote_fetch_outcome, round_idx, "close")
+        return RoundOutcome(round_idx, state, final)
+
+    def abort(self, reason: str) -> None:
+        self.stopped_by = self.stopped_by or reason
+        if self._started and self.rank == 0 and self.endpoint is not None:
+            self.endpoint.abort(reason)
+        elif self._started:
+            try:
+                rpc.rpc_sync(_worker_name(0), _remote_abort, args=(self.rank, reason), timeout=5)
+            except Exception:  # the server is gone too: nothing to tell
+                pass
+        self.shutdown()
 
     def shutdown(self) -> None:
         global _ENDPOINT
         self._stop.set()
+        self._alarm.disarm()
         if not self._started:
             return
         if self.rank == 0 and self.endpoint is not None:
-            self.endpoint.wait_for_clients_to_finish(self.wait_timeout_s)
+            if self.endpoint.aborted is not None:
+                self.endpoint.wait_for_goodbyes(self.heartbeat_s * 5 + 5)
+            else:
+                self.endpoint.wait_for_clients_to_finish(self.wait_timeout_s)
         if self._beat is not None:
             # A heartbeat still inside rpc_sync when the agent shuts down aborts the process ("terminate
             # called without an active exception"), so wait for it; once the server is gone it fails fast.
             self._beat.join(timeout=self.heartbeat_s * 5 + 1)
             self._beat = None
+        if self.rank != 0 and self.stopped_by is not None:  # tell the server this rank makes no more calls
+            try:
+                rpc.rpc_sync(_worker_name(0), _remote_goodbye, args=(self.rank,), timeout=5)
+            except Exception:  # the server is already gone
+                pass
         # Not graceful: a graceful shutdown is a barrier over every rank, which a dead rank would hang.
         # Nothing is in flight by now: clients only ever call the server, and the server has waited for
-        # every live client to collect the final state.
+        # every live client to collect the final state (or, after a failure, to say goodbye).
         rpc.shutdown(graceful=False)
         self._started = False
         _ENDPOINT = None

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from lightning_fedpeft.state import TrainableState
+from lightning_fedpeft.protocol import TrainableState
 
 ADAPTER = "default"  # peft's adapter name; FedPEFTModule builds one adapter
 _E, _A, _B = f".lora_E.{ADAPTER}", f".lora_A.{ADAPTER}", f".lora_B.{ADAPTER}"

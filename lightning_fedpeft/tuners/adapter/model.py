@@ -90,12 +90,6 @@ class AdapterInjection:
         self.parents[idx] = parent
         self.handles[idx] = target.register_forward_hook(_apply_adapter(parent))
 
-    def remove(self) -> None:
-        """Take every adapter out of the model."""
-        for idx in list(self.parents):
-            self.handles.pop(idx).remove()
-            del self.parents.pop(idx).adapter
-
 
 def inject_adapters(model: nn.Module, config: AdapterConfig) -> AdapterInjection:
     """Insert an adapter after the feed-forward block of each of the top ``config.depth`` layers.

@@ -1,0 +1,343 @@
+"""FedAdapter's server half: trial groups that try candidate adapter configurations, and the decision.
+
+Every decision window the server trains candidate configurations from the same global model: the current
+one ``(d, w)``, a deeper one ``(d + depth_step, w)`` and a wider one ``(d, w + width_step)``, each by its
+own group of participants, which the plan tells the configuration to train (instructions
+``adapter_depth`` / ``adapter_width``). Every group gets the same *simulated* time budget
+``W = T0 * (4 d + 1)``, so a cheaper configuration runs more rounds (``floor(W / c_k)`` for a per-round
+cost ``c_k``). At the end of the window each candidate is scored on the validation split, the one with
+the highest accuracy (= the most accuracy gained in the same time) wins, and everyone continues from the
+winner's model. The clock advances by the winner's simulated time: the groups run side by side on real
+devices. Here they run one after the other (each Lightning epoch is one round of one group).
+
+Plain torch: what needs the model (a state's validation accuracy, a state grown to a configuration, a
+configuration's per-round cost) is asked as a query, which the client half
+(:class:`~lightning_fedpeft.fedadapter.ProgressiveUpgrade`) answers on the server's process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
+from lightning_fedpeft.strategy import FedAvg, Query, Strategy
+
+log = logging.getLogger(__name__)
+
+Config = tuple[int, int]  # (depth, width)
+CANDIDATES: tuple[str, ...] = ("shallow", "deeper", "wider")
+
+
+@dataclass(frozen=True, eq=False)  # one query is one question: identity, not value
+class EvaluateState(Query):
+    """The validation accuracy (a float) of ``state``; ``purpose`` is ``start`` or ``trial``."""
+
+    state: TrainableState = field(repr=False)
+    purpose: str
+
+
+@dataclass(frozen=True, eq=False)  # one query is one question: identity, not value
+class GrowState(Query):
+    """``state`` grown (function-preserving, seeded by the configuration) to ``config``."""
+
+    state: TrainableState = field(repr=False)
+    config: Config
+
+
+@dataclass(frozen=True, eq=False)  # one query is one question: identity, not value
+class RoundCost(Query):
+    """The predicted simulated seconds (a float) of one client round in ``config``."""
+
+    config: Config
+
+
+@dataclass
+class Trial:
+    """One candidate of a decision window and what came of it."""
+
+    name: str
+    depth: int
+    width: int
+    cost_s: float  # predicted simulated seconds per round
+    rounds: int  # rounds it gets within the window's budget
+    done: int = 0
+    elapsed_s: float = 0.0  # simulated seconds its rounds actually took
+    val_acc: float | None = None
+
+
+@dataclass
+class Decision:
+    """The outcome of one decision window (a row of ``decisions.csv``)."""
+
+    window: int
+    start_depth: int
+    start_width: int
+    budget_s: float
+    start_acc: float
+    trials: str  # "name(d,w): rounds -> acc" for every candidate
+    winner: str
+    depth: int
+    width: int
+    val_acc: float
+    gain: float
+    sim_time_h: float  # the clock after the window
+
+
+class TrialGroupStrategy(Strategy):
+    """The server half of FedAdapter (see the module docstring).
+
+    Args:
+        clients_per_group: participants per trial group and round (the run's clients per round).
+        num_layers: transformer layers of the model (the deepest possible configuration).
+        start: the starting ``(depth, width)``.
+        window_s: ``T0`` in simulated seconds; the window budget is ``T0 * (4 d + 1)``. If ``None``,
+            ``window_rounds`` rounds of the starting configuration.
+        window_rounds: see ``window_s``.
+        depth_step / width_step / max_width: how candidates grow.
+        candidates: which of ``shallow``, ``deeper``, ``wider`` are tried each window.
+        seed: seeds the sampling of groups.
+    """
+
+    def __init__(
+        self,
+        clients_per_group: int,
+        num_layers: int,
+        start: Config,
+        window_s: float | None = None,
+        window_rounds: float = 4.0,
+        depth_step: int = 1,
+        width_step: int = 8,
+        max_width: int = 64,
+        candidates: Sequence[str] = CANDIDATES,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(clients_per_group, seed=seed)
+        self.num_layers = num_layers
+        self.start: Config = (int(start[0]), int(start[1]))
+        self.config: Config = self.start
+        self.window_s = window_s
+        self.window_rounds = window_rounds
+        self.depth_step, self.width_step, self.max_width = depth_step, width_step, max_width
+        self.candidates = tuple(candidates)
+        self._fedavg = FedAvg(clients_per_group, seed=seed)
+        self.window = 0
+        self.trials: list[Trial] = []
+        self.phase = 0
+        self.window_start_s = 0.0  # the clock when the current window opened
+        self.start_acc: float | None = None
+        self.window_start_state: TrainableState | None = None
+        self.results: dict[int, TrainableState] = {}
+        self.decisions: list[Decision] = []
+        self._pending: list[Query] = []
+        self._costs: dict[Config, float] = {}  # the next window's candidates, as they are answered
+        self._metrics: dict[str, float] = {}
+
+    @property
+    def groups(self) -> int:
+        return len(self.candidates)
+
+    def validate(self, num_clients: int) -> None:
+        need = self.groups * self.clients_per_round
+        if need > num_clients:
+            raise ValueError(
+                f"FedAdapter trial groups need {self.groups} x {self.clients_per_round} = {need} distinct clients per "
+                f"round but there are {num_clients}; lower federation.clients_per_round, use fewer "
+                f"upgrade.candidates or more data.num_clients"
+            )
+
+    # -- windows ------------------------------------------------------------------------------------------
+    def initialize(self, global_state: TrainableState) -> None:
+        if not self.trials and not self._pending:  # a resumed run keeps the checkpoint's window
+            self._open_window(global_state)
+
+    def candidate_configs(self) -> list[tuple[str, Config]]:
+        """The next window's candidates (name and configuration) from the current configuration."""
+        d, w = self.config
+        configs: list[tuple[str, Config]] = []
+        for name in self.candidates:
+            cfg = {"shallow": (d, w), "deeper": (d + self.depth_step, w), "wider": (d, w + self.width_step)}[name]
+            if name == "wider" and d == 0:
+                continue  # no adapter at depth 0: a wider one would be the same model
+            if cfg[0] <= self.num_layers and cfg[1] <= self.max_width and cfg not in [c for _, c in configs]:
+                configs.append((name, cfg))
+        return configs
+
+    def budget_s(self) -> float:
+        """The window's simulated time budget per group: ``T0 * (4 d + 1)``."""
+        assert self.window_s is not None, "T0 is known once the starting configuration's cost is"
+        return self.window_s * (4 * self.config[0] + 1)
+
+    def _open_window(self, state: TrainableState) -> None:
+        """Start a decision window from the global ``state``: ask what planning it needs."""
+        self.trials, self.phase, self.results, self._costs = [], 0, {}, {}
+        self.window_start_state = {k: v.clone() for k, v in state.items()}
+        if self.window_s is None:
+            self._pending.append(RoundCost(self.start))
+        self._pending.extend(RoundCost(cfg) for _, cfg in self.candidate_configs())
+        if self.start_acc is None:
+            self._pending.append(EvaluateState(self.window_start_state, "start"))
+
+    def _plan_window(self) -> None:
+        budget = self.budget_s()
+        self.trials = [
+            Trial(name, cfg[0], cfg[1], self._costs[cfg], max(1, math.floor(budget / self._costs[cfg])))
+            for name, cfg in self.candidate_configs()
+        ]
+        log.info(
+            "FedAdapter window %d from (d=%d, w=%d), budget %.1fs: %s",
+            self.window,
+            *self.config,
+            budget,
+            ", ".join(f"{t.name}({t.depth},{t.width}) x{t.rounds}" for t in self.trials),
+        )
+
+    # -- configure: which group trains this round ---------------------------------------------------------
+    def configure_round(self, round_idx: int, num_clients: int) -> RoundPlan:
+        self.validate(num_clients)
+        if not self.trials:
+            raise RuntimeError("TrialGroupStrategy: the window's queries must be answered before its first round")
+        trial = self.trials[self.phase]
+        # The groups of one window run side by side on real devices: round j of every group draws from
+        # the same sample of groups x clients_per_group clients, group k taking the k-th slice.
+        need = self.groups * self.clients_per_round
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.window * 10_007 + trial.done)
+        chosen = torch.randperm(num_clients, generator=gen)[:need].tolist()
+        k = self.phase
+        clients = sorted(chosen[k * self.clients_per_round : (k + 1) * self.clients_per_round])
+        told = {"adapter_depth": trial.depth, "adapter_width": trial.width, "decided_depth": self.config[0]}
+        return RoundPlan(round=round_idx, client_ids=clients, instructions={c: dict(told) for c in clients})
+
+    # -- aggregate: average; at the end of a trial, score it, then grow the next or decide ----------------
+    def aggregate(
+        self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
+    ) -> TrainableState:
+        trial = self.trials[self.phase]
+        new_state = self._fedavg.aggregate(round_idx, global_state, updates)
+        trial.done += 1
+        self._metrics = {
+            "window": float(self.window),
+            "trial_depth": float(trial.depth),
+            "trial_width": float(trial.width),
+        }
+        if trial.done == trial.rounds:
+            self.results[self.phase] = new_state
+            self._pending.append(EvaluateState(new_state, "trial"))
+        return new_state
+
+    def advance_clock(self, round_s: float) -> None:
+        # The groups run side by side: the clock is the window's start plus the time this group has run.
+        trial = self.trials[self.phase]
+        trial.elapsed_s += round_s if round_s > 0 else trial.cost_s
+        self.sim_time_s = self.window_start_s + trial.elapsed_s
+
+    def queries(self) -> list[Query]:
+        return list(self._pending)
+
+    def answer(self, query: Query, value: Any) -> TrainableState | None:
+        self._pending.remove(query)
+        if isinstance(query, RoundCost):
+            if self.window_s is None and query.config == self.start:
+                self.window_s = self.window_rounds * float(value)
+            self._costs[query.config] = float(value)
+            if not any(isinstance(q, RoundCost) for q in self._pending):
+                self._plan_window()
+            return None
+        if isinstance(query, GrowState):
+            return value
+        if not isinstance(query, EvaluateState):
+            return super().answer(query, value)
+        if query.purpose == "start":
+            self.start_acc = float(value)
+            return None
+        self.trials[self.phase].val_acc = float(value)
+        self.phase += 1
+        if self.phase < len(self.trials):  # the next group starts from the window's model, grown to its config
+            nxt = self.trials[self.phase]
+            assert self.window_start_state is not None
+            self._pending.append(GrowState(self.window_start_state, (nxt.depth, nxt.width)))
+            return None
+        return self._decide()
+
+    def _decide(self) -> TrainableState:
+        # Highest validation accuracy wins; on a tie the earlier (cheaper: shallow first) candidate.
+        best = max(range(len(self.trials)), key=lambda k: (self.trials[k].val_acc, -k))
+        winner = self.trials[best]
+        start_acc = float(self.start_acc if self.start_acc is not None else float("nan"))
+        self.window_start_s += winner.elapsed_s
+        self.sim_time_s = self.window_start_s
+        decision = Decision(
+            window=self.window,
+            start_depth=self.config[0],
+            start_width=self.config[1],
+            budget_s=self.budget_s(),
+            start_acc=start_acc,
+            trials="; ".join(f"{t.name}({t.depth},{t.width}): {t.done} rounds -> {t.val_acc:.4f}" for t in self.trials),
+            winner=winner.name,
+            depth=winner.depth,
+            width=winner.width,
+            val_acc=float(winner.val_acc),
+            gain=float(winner.val_acc) - start_acc,
+            sim_time_h=self.window_start_s / 3600.0,
+        )
+        self.decisions.append(decision)
+        self.config = (winner.depth, winner.width)
+        log.info(
+            "FedAdapter window %d: %s wins -> (d=%d, w=%d), val_acc %.4f",
+            self.window,
+            winner.name,
+            *self.config,
+            winner.val_acc,
+        )
+        self._metrics["decision_val_acc"] = float(winner.val_acc)
+        state = self.results[best]
+        self.start_acc = float(winner.val_acc)
+        self.window += 1
+        self._open_window(state)
+        return state
+
+    def round_metrics(self) -> dict[str, float]:
+        metrics, self._metrics = self._metrics, {}
+        return metrics
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {"decisions": [asdict(d) for d in self.decisions]}
+
+    def may_stop(self) -> bool:
+        # Only at a window's end: the clock then is the decided one, and no trial is left half done. A
+        # decision opens the next window at once, so "just decided" is "no trial of this window ran yet".
+        return self.phase == 0 and not any(t.done for t in self.trials)
+
+    # -- checkpointing (between rounds, when no query is open) ----------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {
+            "config": list(self.config),
+            "window_s": self.window_s,
+            "window": self.window,
+            "phase": self.phase,
+            "window_start_s": self.window_start_s,
+            "start_acc": self.start_acc,
+            "trials": [asdict(t) for t in self.trials],
+            "window_start_state": self.window_start_state,
+            "results": self.results,
+            "decisions": [asdict(d) for d in self.decisions],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.config = tuple(state["config"])  # type: ignore[assignment]
+        self.window_s = state["window_s"]
+        self.window = int(state["window"])
+        self.phase = int(state["phase"])
+        self.window_start_s = float(state["window_start_s"])
+        self.start_acc = state["start_acc"]
+        self.trials = [Trial(**t) for t in state["trials"]]
+        self.window_start_state = state["window_start_state"]
+        self.results = dict(state["results"])
+        self.decisions = [Decision(**d) for d in state["decisions"]]
+        self._pending = []

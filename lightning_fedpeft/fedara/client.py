@@ -1,0 +1,174 @@
+"""FedARA's client half: importance values during local training, and pruning of modules left without rank.
+
+:class:`RankAllocation` builds the server half (:class:`~lightning_fedpeft.fedara.strategy.RankAllocationStrategy`)
+and, on every client the plan tells to (instruction ``importance``), keeps peft's sensitivity and
+uncertainty averages over the local steps (``I = |θ ∂L/∂θ|``, β1 = β2 = 0.85) and uploads with the update
+one importance value per active triplet (``s(Λ_i) + mean_j s(Q_ij) + mean_j s(P_ji)``, as AdaLoRA scores it).
+:class:`ModulePruning` has the server drop a module with no active triplet from the global state; clients
+then put the frozen base layer back in its place, so it no longer runs, trains or travels, and once no
+adapted module is left below a transformer layer, backward stops there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun
+from lightning_fedpeft.callbacks.client_resources import ClientResources
+from lightning_fedpeft.fedara.strategy import IMPORTANCE, BudgetSchedule, RankAllocationStrategy
+from lightning_fedpeft.tuners.svd import layer_rank, svd_layers, triplet_keys
+
+
+class RankAllocation(FederatedAlgorithm):
+    """FedARA's federated rank allocation, on top of :class:`~lightning_fedpeft.RoundSync`.
+
+    Needs SVD layers (``model.method='svd'``) and a module whose ``set_trainable_state`` adopts the ranks of
+    the state it gets (:class:`~lightning_fedpeft.FedPEFTModule` does). Each round's budget, active ranks
+    and live modules go to ``rounds.csv``; the server's state (full triplets, mask, scores, schedule
+    position) rides in RoundSync's checkpoint state.
+
+    Args:
+        target_rank: the average rank per module at the end (the budget falls to ``target_rank x modules``).
+        total_rounds: the schedule's length in rounds (default: ``trainer.max_epochs``).
+        warmup_rounds: rounds at the full budget before any masking.
+        final_rounds: rounds at the end with the mask frozen.
+        mask_every: re-allocate every this many rounds during the fall.
+        importance_beta: smoothing of the server's score over rounds (0: only the latest round counts).
+        beta1 / beta2: AdaLoRA's smoothing of sensitivity and uncertainty over local steps.
+    """
+
+    def __init__(
+        self,
+        target_rank: float = 2.0,
+        total_rounds: int | None = None,
+        warmup_rounds: int = 2,
+        final_rounds: int = 2,
+        mask_every: int = 1,
+        importance_beta: float = 0.5,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+    ) -> None:
+        super().__init__()
+        if target_rank < 0:
+            raise ValueError(f"allocation.target_rank={target_rank} must be >= 0")
+        if total_rounds is not None and total_rounds < 1:
+            raise ValueError(f"allocation.total_rounds={total_rounds} must be at least 1 (or null: trainer.max_epochs)")
+        for name, value in (("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"allocation.{name}={value} must be within (0, 1)")
+        if mask_every < 1:
+            raise ValueError(f"allocation.mask_every={mask_every} must be at least 1")
+        self.target_rank = target_rank
+        self.total_rounds = total_rounds
+        self.warmup_rounds = warmup_rounds
+        self.final_rounds = final_rounds
+        self.mask_every = mask_every
+        self.importance_beta = importance_beta
+        self.beta1, self.beta2 = beta1, beta2
+        self.strategy: RankAllocationStrategy | None = None
+        self._allocator: Any = None
+        self._scoring = False  # the current client was told to upload importance
+
+    def configure(self, run: FederatedRun) -> RankAllocationStrategy:
+        pl_module = run.pl_module
+        model = getattr(pl_module, "model", pl_module)
+        layers = svd_layers(model)
+        if not layers:
+            raise ValueError("RankAllocation needs SVD layers: set model.method='svd' (peft's AdaLoRA layers)")
+        if not callable(getattr(pl_module, "set_trainable_state", None)):
+            raise ValueError(
+                "RankAllocation needs a LightningModule whose set_trainable_state adopts the ranks of the state "
+                "(use lightning_fedpeft.FedPEFTModule with method='svd')"
+            )
+        r_init = {int(round(float(layer.ranknum["default"]))) for layer in layers.values()}
+        if len(r_init) != 1:
+            raise ValueError(f"RankAllocation needs one r_init for every SVD layer, found {sorted(r_init)}")
+        total = self.total_rounds if self.total_rounds is not None else run.trainer.max_epochs
+        if total is None or total < 1:
+            raise ValueError("RankAllocation needs allocation.total_rounds or a positive trainer.max_epochs")
+        init_budget = r_init.pop() * len(layers)
+        schedule = BudgetSchedule(
+            init_budget=init_budget,
+            target_budget=min(init_budget, int(round(self.target_rank * len(layers)))),
+            total_rounds=total,
+            warmup_rounds=self.warmup_rounds,
+            final_rounds=self.final_rounds,
+        )
+        config = getattr(model, "peft_config", {}).get("default")
+        if config is None:
+            raise ValueError("RankAllocation needs a peft AdaLoRA model (model.method='svd')")
+        from peft.tuners.adalora.layer import RankAllocator
+
+        config = type(config)(**{**config.to_dict(), "beta1": self.beta1, "beta2": self.beta2})
+        # peft's allocator keeps AdaLoRA's per-element sensitivity and uncertainty averages; its budget
+        # and masking are not used (the server allocates).
+        self._allocator = RankAllocator(model, config, "default")
+        self.strategy = RankAllocationStrategy(
+            run.clients_per_round,
+            schedule,
+            mask_every=self.mask_every,
+            importance_beta=self.importance_beta,
+            prune_empty=run.find(ModulePruning) is not None,
+            seed=run.seed,
+        )
+        return self.strategy
+
+    # -- the client half: importance over local steps ------------------------------------------------------------
+    def on_client_start(self, ctx: ClientContext, pl_module: pl.LightningModule) -> None:
+        self._scoring = bool(ctx.instructions.get("importance", False))
+        self._allocator.reset_ipt()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._scoring:
+            self._allocator.update_ipt(getattr(pl_module, "model", pl_module))
+
+    def on_client_end(self, ctx: ClientContext, pl_module: pl.LightningModule) -> ClientResult:
+        if not self._scoring:
+            return ClientResult()
+        return ClientResult(tensors=triplet_importance(pl_module, self._allocator))
+
+
+def triplet_importance(pl_module: torch.nn.Module, allocator: Any) -> dict[str, torch.Tensor]:
+    """One importance value per active triplet of every live SVD layer, keyed ``<module>.importance``.
+
+    AdaLoRA's triplet score: ``s(Λ_i) + mean_j s(Q_ij) + mean_j s(P_ji)`` with ``s = Ī · Ū`` the
+    smoothed sensitivity times its uncertainty (zeros if the client took no step). Module names are
+    those of the trainable state (qualified from ``pl_module``).
+    """
+    model = getattr(pl_module, "model", pl_module)
+    prefix = "model." if model is not pl_module else ""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in svd_layers(model).items():
+        e_key, a_key, b_key = triplet_keys(name)  # the allocator's keys: names within `model`
+
+        def score(key: str, param: torch.Tensor) -> torch.Tensor:
+            if key not in allocator.exp_avg_ipt:
+                return torch.zeros_like(param)
+            return allocator.exp_avg_ipt[key] * allocator.exp_avg_unc[key]
+
+        r = layer_rank(layer)
+        s_e = score(e_key, layer.lora_E["default"]).reshape(r)
+        s_a = score(a_key, layer.lora_A["default"]).mean(dim=1) if r else torch.zeros(0)
+        s_b = score(b_key, layer.lora_B["default"]).mean(dim=0) if r else torch.zeros(0)
+        out[prefix + name + IMPORTANCE] = (s_e + s_a + s_b).detach().float().cpu()
+    return out
+
+
+class ModulePruning(ClientResources):
+    """FedARA's rank-based module pruning: modules left with no active triplet leave the model.
+
+    Needs :class:`RankAllocation`, whose server half then drops such a module from the global state; every
+    client that receives it puts the frozen base layer back in the module's place
+    (:func:`~lightning_fedpeft.tuners.svd.prune_layer`): the module no longer runs, its parameters leave the
+    optimizer and the wire, and autograd stops below the lowest layer that still has a trainable module.
+    What that buys is logged per round (as :class:`~lightning_fedpeft.callbacks.ClientResources` does:
+    ``step_time_ms``, ``peak_rss_mb``, ``saved_activation_mb``) beside RankAllocation's ``active_ranks``,
+    ``live_modules`` and ``lowest_live_layer``.
+    """
+
+    requires = (RankAllocation,)

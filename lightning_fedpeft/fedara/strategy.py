@@ -1,0 +1,252 @@
+"""FedARA's server half: the budget schedule and the rank allocation over clients' importance values.
+
+The server averages the updates (sample-weighted FedAvg) and the importance values clients upload (one
+per active triplet), keeps a running score per triplet, and after each round applies the budget schedule
+of :class:`BudgetSchedule` (warm-up rounds at the full budget, a cubic fall to the target, the last
+rounds with the mask frozen): the lowest-scoring active triplets are masked until the budget holds.
+One global mask serves every client, so averaging stays consistent. A masked triplet never comes back
+(communication and compute only fall), and it is not sent any more: the global state carries only the
+active triplets, and clients cut their layers to them (:mod:`lightning_fedpeft.tuners.svd`). The
+server keeps the full ``r_init`` state and rebuilds it from every packed update. With ``prune_empty``
+(:class:`~lightning_fedpeft.fedara.ModulePruning`), a module with no active triplet leaves the global
+state. Plain torch: the client half is in :mod:`lightning_fedpeft.fedara.client`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
+from lightning_fedpeft.strategy import FedAvg
+from lightning_fedpeft.tuners.svd import module_names_in_state, pack, triplet_keys, unpack
+
+IMPORTANCE = ".importance"  # suffix of a module's importance vector in ClientUpdate.tensors
+
+
+@dataclass(frozen=True)
+class BudgetSchedule:
+    """How many triplets may be active after each round (AdaLoRA's step schedule, counted in rounds).
+
+    Rounds ``1..warmup_rounds``: ``init_budget`` and no masking. Then a cubic fall,
+    ``target + (init - target) * (1 - (t - warmup) / (total - final - warmup))**3`` after round ``t``,
+    reaching ``target_budget`` after round ``total_rounds - final_rounds``; from then on the mask is frozen.
+    """
+
+    init_budget: int
+    target_budget: int
+    total_rounds: int
+    warmup_rounds: int = 0
+    final_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.target_budget <= self.init_budget:
+            raise ValueError(
+                f"the target budget ({self.target_budget} triplets) must be within 0..{self.init_budget} "
+                f"(r_init x modules); lower allocation.target_rank"
+            )
+        if self.warmup_rounds < 0 or self.final_rounds < 0:
+            raise ValueError("allocation.warmup_rounds and allocation.final_rounds must be >= 0")
+        if self.warmup_rounds + self.final_rounds >= self.total_rounds:
+            raise ValueError(
+                f"allocation.warmup_rounds={self.warmup_rounds} + final_rounds={self.final_rounds} leave no round "
+                f"to allocate in within total_rounds={self.total_rounds}; shorten them or train more rounds"
+            )
+
+    @property
+    def last_mask_round(self) -> int:
+        """After this round the budget is the target and the mask is frozen."""
+        return self.total_rounds - self.final_rounds
+
+    def budget(self, rounds_done: int) -> int:
+        """Active triplets allowed after ``rounds_done`` rounds."""
+        if rounds_done <= self.warmup_rounds:
+            return self.init_budget
+        if rounds_done >= self.last_mask_round:
+            return self.target_budget
+        left = 1.0 - (rounds_done - self.warmup_rounds) / (self.last_mask_round - self.warmup_rounds)
+        return int(self.target_budget + (self.init_budget - self.target_budget) * left**3)
+
+    def phase(self, rounds_done: int) -> str:
+        """``warmup``, ``decay`` or ``final`` (mask frozen) after ``rounds_done`` rounds."""
+        if rounds_done <= self.warmup_rounds:
+            return "warmup"
+        return "decay" if rounds_done <= self.last_mask_round else "final"
+
+    def masks_after(self, rounds_done: int, every: int = 1) -> bool:
+        """Whether the server re-allocates after round ``rounds_done`` (every ``every`` decay rounds, and at
+        the last mask round)."""
+        if rounds_done == self.last_mask_round:
+            return True
+        return self.phase(rounds_done) == "decay" and (rounds_done - self.warmup_rounds) % every == 0
+
+
+class RankAllocationStrategy(FedAvg):
+    """The server half of FedARA (see the module docstring).
+
+    While the mask may still change, the plan tells every client to upload importance values
+    (instruction ``importance: true``); once it is frozen clients are told nothing and send none.
+
+    Args:
+        clients_per_round: participants per round.
+        schedule: the budget over rounds.
+        mask_every: re-allocate every this many rounds of the decay phase (AdaLoRA's ``deltaT``).
+        importance_beta: the server's running score per triplet is
+            ``beta * score + (1 - beta) * (this round's sample-weighted mean of the clients' values)``;
+            it smooths out which clients happened to be sampled.
+        prune_empty: leave a module with no active triplet out of the global state (set by
+            :class:`ModulePruning`); otherwise it stays with zero-size tensors.
+        seed: seeds the choice of participants.
+    """
+
+    def __init__(
+        self,
+        clients_per_round: int,
+        schedule: BudgetSchedule,
+        mask_every: int = 1,
+        importance_beta: float = 0.5,
+        prune_empty: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(clients_per_round, seed=seed)
+        if mask_every < 1:
+            raise ValueError(f"allocation.mask_every={mask_every} must be at least 1")
+        if not 0.0 <= importance_beta < 1.0:
+            raise ValueError(f"allocation.importance_beta={importance_beta} must be within [0, 1)")
+        self.schedule = schedule
+        self.mask_every = mask_every
+        self.importance_beta = importance_beta
+        self.prune_empty = prune_empty
+        self.full: TrainableState = {}  # every triplet, r_init per module (masked ones keep their last value)
+        self.masks: dict[str, torch.Tensor] = {}  # module -> bool (r_init,)
+        self.scores: dict[str, torch.Tensor] = {}  # module -> float (r_init,), running importance
+        self.rounds_done = 0
+        self.last_masked = 0
+
+    # -- the full state and the mask -------------------------------------------------------------------------
+    def start(self, state: TrainableState) -> None:
+        """Take ``state`` (every triplet active) as the full state and start with nothing masked."""
+        self.full = {k: v.detach().clone() for k, v in state.items()}
+        modules = module_names_in_state(state)
+        if not modules:
+            raise ValueError("FedARA needs SVD layers in the trainable state: set model.method='svd'")
+        self.masks = {m: torch.ones(state[triplet_keys(m)[0]].shape[0], dtype=torch.bool) for m in modules}
+        self.scores = {m: torch.zeros(len(mask), dtype=torch.float64) for m, mask in self.masks.items()}
+
+    def initialize(self, global_state: TrainableState) -> None:
+        if not self.masks:  # a resumed run keeps the checkpoint's triplets, mask and scores
+            self.start(global_state)
+
+    def configure_round(self, round_idx: int, num_clients: int) -> RoundPlan:
+        plan = super().configure_round(round_idx, num_clients)
+        if self.wants_importance(round_idx):
+            plan.instructions = {cid: {"importance": True} for cid in plan.client_ids}
+        return plan
+
+    def active(self, module: str) -> int:
+        return int(self.masks[module].sum())
+
+    @property
+    def active_ranks(self) -> int:
+        return sum(self.active(m) for m in self.masks)
+
+    @property
+    def live_modules(self) -> list[str]:
+        return [m for m in self.masks if self.active(m) > 0]
+
+    def wants_importance(self, round_idx: int) -> bool:
+        """Whether clients of round ``round_idx`` upload importance (not once the mask is frozen)."""
+        return round_idx + 1 <= self.schedule.last_mask_round
+
+    def global_state(self) -> TrainableState:
+        """What the clients get: the active triplets only."""
+        return pack(self.full, self.masks, drop_empty=self.prune_empty)
+
+    def allocate(self, budget: int) -> list[tuple[str, int]]:
+        """Mask the lowest-scoring active triplets until at most ``budget`` remain; return those masked.
+
+        Ties go by module order, then triplet index, so every run masks the same ones.
+        """
+        excess = self.active_ranks - budget
+        if excess <= 0:
+            return []
+        ranked = sorted(
+            (float(self.scores[m][i]), order, i, m)
+            for order, m in enumerate(self.masks)
+            for i in self.masks[m].nonzero().flatten().tolist()
+        )
+        dropped = [(m, i) for _, _, i, m in ranked[:excess]]
+        for m, i in dropped:
+            self.masks[m][i] = False
+        return dropped
+
+    # -- Strategy -----------------------------------------------------------------------------------------------
+    def check_update(self, update: ClientUpdate) -> str | None:
+        if not self.masks or not self.wants_importance(update.round):
+            return None
+        for m in self.masks:
+            n = self.active(m)
+            if n == 0:
+                continue
+            value = update.tensors.get(m + IMPORTANCE)
+            if value is None:
+                return f"no importance for {m} (is the RankAllocation callback in the client's Trainer?)"
+            if tuple(value.shape) != (n,):
+                return f"importance for {m} has shape {tuple(value.shape)}, expected ({n},) active triplets"
+        return None
+
+    def aggregate(
+        self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
+    ) -> TrainableState:
+        averaged = super().aggregate(round_idx, global_state, updates)
+        self.full = unpack(averaged, self.masks, self.full)
+        if updates and self.wants_importance(round_idx):
+            self._update_scores(updates)
+        self.rounds_done = round_idx + 1
+        self.last_masked = 0
+        if self.schedule.masks_after(self.rounds_done, self.mask_every):
+            self.last_masked = len(self.allocate(self.schedule.budget(self.rounds_done)))
+        return self.global_state()
+
+    def _update_scores(self, updates: Sequence[ClientUpdate]) -> None:
+        total = sum(u.num_examples for u in updates)
+        beta = self.importance_beta
+        for m, mask in self.masks.items():
+            if not mask.any():
+                continue
+            mean = sum(u.tensors[m + IMPORTANCE].to(torch.float64) * (u.num_examples / total) for u in updates)
+            idx = mask.nonzero().flatten()
+            self.scores[m][idx] = beta * self.scores[m][idx] + (1.0 - beta) * mean
+
+    def round_metrics(self) -> dict[str, float]:
+        if not self.masks:
+            return {}
+        live = self.live_modules
+        layers = [int(x.group(1)) for m in live if (x := re.search(r"\.layer\.(\d+)\.", m))]
+        return {
+            "budget": float(self.schedule.budget(self.rounds_done)),
+            "active_ranks": float(self.active_ranks),
+            "live_modules": float(len(live)),
+            "masked_now": float(self.last_masked),
+            # backward stops at the lowest transformer layer that still has an adapted module
+            "lowest_live_layer": float(min(layers)) if layers else -1.0,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {
+            "full": {k: v.clone() for k, v in self.full.items()},
+            "masks": {k: v.clone() for k, v in self.masks.items()},
+            "scores": {k: v.clone() for k, v in self.scores.items()},
+            "rounds_done": self.rounds_done,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.full = {k: v.clone() for k, v in state["full"].items()}
+        self.masks = {k: v.clone() for k, v in state["masks"].items()}
+        self.scores = {k: v.clone() for k, v in state["scores"].items()}
+        self.rounds_done = int(state["rounds_done"])
