@@ -36,7 +36,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.distributed.rpc as rpc
@@ -72,7 +72,6 @@ class _RoundState:
     wire: WireState  # the global state as it goes to every client of the round
     sent: TrainableState  # ... and as they decode it (what their uploads are encoded against)
     outcome: RoundOutcome | None = None  # published once the server has finished the round
-    fetched: set[int] = field(default_factory=set)  # ranks that collected the outcome
 
 
 class ServerEndpoint:
@@ -102,7 +101,7 @@ class ServerEndpoint:
         self._logged_bytes = {"up": 0, "down": 0}
         self.aborted: Aborted | None = None
         self.told: set[int] = set()  # ranks that have heard of the abort
-        self.gone: set[int] = set()  # ranks that said goodbye after it: they call no more
+        self.gone: set[int] = set()  # ranks that said goodbye: they make no more calls
         self.on_abort: Any = None  # called (in an RPC thread) when a client rank reports a failure
 
     # -- liveness ------------------------------------------------------------------------------------
@@ -138,22 +137,26 @@ class ServerEndpoint:
             self.on_abort(reason)
 
     def goodbye(self, rank: int) -> None:
-        """``rank`` has stopped after the abort and makes no more calls."""
+        """``rank`` has stopped (at the end of fit, or after an abort) and makes no more calls."""
         with self.cond:
             self.told.add(rank)
             self.gone.add(rank)
             self.cond.notify_all()
 
     def wait_for_goodbyes(self, timeout_s: float) -> None:
-        """After an abort: before the server goes away, let every live rank hear of it and stop calling.
+        """Before the server goes away: wait until every live rank has said goodbye (it calls no more).
 
-        Hearing is not enough: a rank's main thread may still be inside a call when its heartbeat thread
-        hears, and a server gone under that call leaves it a raw transport error instead of the reason.
+        Nothing less will do: a rank whose request was handled may not have its reply yet (the final
+        state, or the reason of an abort), and a server gone under it leaves it a raw transport error.
         """
         end = time.monotonic() + timeout_s
         with self.cond:
-            while time.monotonic() < end and set(range(1, self.world_size)) - self.gone - self.silent_ranks():
+            while time.monotonic() < end:
+                waiting = set(range(1, self.world_size)) - self.gone - self.silent_ranks()
+                if not waiting:
+                    return
                 self.cond.wait(timeout=0.2)
+            log.warning("ranks %s did not say goodbye before the server stopped", sorted(waiting))
 
     # -- the round -----------------------------------------------------------------------------------
     def open_round(self, round_idx: int) -> None:
@@ -254,24 +257,7 @@ class ServerEndpoint:
             if state is None or state.outcome is None:
                 return None
             self.rpc_bytes["down"] += state_nbytes(state.outcome.global_state)
-            state.fetched.add(rank)
-            self.cond.notify_all()
             return state.outcome.global_state, state.outcome.final
-
-    def wait_for_clients_to_finish(self, timeout_s: float) -> None:
-        """Before the server goes away: let every live rank collect the last round's outcome."""
-        with self.cond:
-            finished = [r for r in self.rounds.values() if r.outcome is not None]
-            if not finished:
-                return
-            last = max(finished, key=lambda r: r.round)
-            end = time.monotonic() + timeout_s
-            while time.monotonic() < end:
-                waiting = set(range(1, self.world_size)) - last.fetched - self.silent_ranks()
-                if not waiting:
-                    return
-                self.cond.wait(timeout=0.5)
-            log.warning("ranks %s did not collect the final global state", sorted(waiting))
 
 
 # Module-level functions: RPC ships a function by its qualified name and runs it on rank 0.
@@ -435,10 +421,17 @@ class RPCLauncher(RoundChannel):
             self.endpoint.on_abort = self._alarm.ring
             _ENDPOINT = self.endpoint
         if not self._started:
+            # TCP ("uv") only: TensorPipe's shared-memory transport, its default between processes on one
+            # machine, busy-polls in a reactor thread at about half a core for seconds after traffic, which on
+            # 2 cores slowed every local step of 2 training ranks by 2x in some rounds (bench/ranks.py: 1.21x
+            # instead of 1.93x speed-up; with uv, steady). No public option picks the transport.
             options = rpc.TensorPipeRpcBackendOptions(
-                init_method="env://", rpc_timeout=self.wait_timeout_s, num_worker_threads=max(16, 2 * self.world_size)
+                init_method="env://",
+                rpc_timeout=self.wait_timeout_s,
+                num_worker_threads=max(16, 2 * self.world_size),
+                _transports=["uv"],
             )
-            # Only the CPU TensorPipe transport: the global state is small, and GPUs stay out of RPC.
+            # Only CPU tensors: the global state is small, and GPUs stay out of RPC.
             options.devices = []
             rpc.init_rpc(
                 _worker_name(self.rank), rank=self.rank, world_size=self.world_size, rpc_backend_options=options
@@ -544,23 +537,23 @@ class RPCLauncher(RoundChannel):
         if not self._started:
             return
         if self.rank == 0 and self.endpoint is not None:
-            if self.endpoint.aborted is not None:
-                self.endpoint.wait_for_goodbyes(self.heartbeat_s * 5 + 5)
-            else:
-                self.endpoint.wait_for_clients_to_finish(self.wait_timeout_s)
+            # After an abort every live rank hears of it within a few heartbeats; at the end of a run it
+            # still collects the last round's state (its last call before its goodbye).
+            aborted = self.endpoint.aborted is not None
+            self.endpoint.wait_for_goodbyes(self.heartbeat_s * 5 + 5 if aborted else self.wait_timeout_s)
         if self._beat is not None:
             # A heartbeat still inside rpc_sync when the agent shuts down aborts the process ("terminate
             # called without an active exception"), so wait for it; once the server is gone it fails fast.
             self._beat.join(timeout=self.heartbeat_s * 5 + 1)
             self._beat = None
-        if self.rank != 0 and self.stopped_by is not None:  # tell the server this rank makes no more calls
+        if self.rank != 0:  # tell the server this rank makes no more calls
             try:
                 rpc.rpc_sync(_worker_name(0), _remote_goodbye, args=(self.rank,), timeout=5)
             except Exception:  # the server is already gone
                 pass
         # Not graceful: a graceful shutdown is a barrier over every rank, which a dead rank would hang.
         # Nothing is in flight by now: clients only ever call the server, and the server has waited for
-        # every live client to collect the final state (or, after a failure, to say goodbye).
+        # every live client's goodbye, its last call.
         rpc.shutdown(graceful=False)
         self._started = False
         _ENDPOINT = None
