@@ -32,8 +32,9 @@ class FedPEFTCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="Evaluate the final global model on the test split."
         )
-        # The tokenizer is the model's, and the number of classes comes from the data.
+        # The tokenizer and the task are the model's, and the number of classes comes from the data.
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.task", "data.task")  # classification or causal_lm: set once, on the model
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
@@ -76,22 +77,26 @@ def _exit_with(err: Exception, code: int) -> None:
     sys.exit(code)
 
 
+# The summary's validation columns: a classifier's, or a decoder's (whichever the rows have).
+_COLUMNS = {"val_acc": "val_acc", "val_f1": "val_f1", "val_ppl": "val_ppl", "val_exact_match": "val_em"}
+
+
 def _print_summary(trainer: Any, sync: RoundSync | None, test: dict[str, float]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     if sync is not None and sync.history:
+        shown = [k for k in _COLUMNS if any(k in row for row in sync.history)] or ["val_acc", "val_f1"]
         table = Table(title="Federated rounds")
-        for column in ("round", "clients", "train_loss", "val_acc", "val_f1", "MB up", "MB down", "seconds"):
+        for column in ("round", "clients", "train_loss", *(_COLUMNS[k] for k in shown), "MB up", "MB down", "seconds"):
             table.add_column(column, justify="right")
         for row in sync.history:
             table.add_row(
                 str(row["round"] + 1),
                 str(row["clients"]),
                 f"{row['train_loss']:.3f}",
-                f"{row['val_acc']:.3f}" if "val_acc" in row else "",
-                f"{row['val_f1']:.3f}" if "val_f1" in row else "",
+                *(f"{row[k]:.3f}" if k in row else "" for k in shown),
                 f"{row['bytes_up'] / 1e6:.2f}",
                 f"{row['bytes_down'] / 1e6:.2f}",
                 f"{row['round_time_s']:.1f}",
@@ -100,10 +105,16 @@ def _print_summary(trainer: Any, sync: RoundSync | None, test: dict[str, float])
         up = sum(r["bytes_up"] for r in sync.history) / 1e6
         down = sum(r["bytes_down"] for r in sync.history) / 1e6
         console.print(f"traffic: {up:.1f} MB up, {down:.1f} MB down over {len(sync.history)} rounds")
-    if test:
+    if "test_acc" in test:
         console.print(
             f"[bold]test accuracy {test.get('test_acc', float('nan')):.4f}[/bold]  "
             f"macro-F1 {test.get('test_f1', float('nan')):.4f}  (global model after the last round)"
+        )
+    elif "test_ppl" in test:
+        match = f"  exact match {test['test_exact_match']:.4f}" if "test_exact_match" in test else ""
+        console.print(
+            f"[bold]test loss {test.get('test_loss', float('nan')):.4f}[/bold]  perplexity {test['test_ppl']:.2f}"
+            f"{match}  (global model after the last round)"
         )
     if trainer.log_dir:
         console.print(f"logs: {trainer.log_dir}")

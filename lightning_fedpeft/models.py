@@ -1,6 +1,7 @@
-"""Loading a local Hugging Face classifier and wrapping it with a parameter-efficient method.
+"""Loading a local Hugging Face model (a classifier, or a decoder for causal LM) and wrapping it with a
+parameter-efficient method.
 
-Nothing here downloads: models come from local folders (or the packaged MiniLM), with
+Nothing here downloads: models come from local folders (or the packaged ones), with
 ``local_files_only=True`` so a typo never turns into a hub request.
 """
 
@@ -18,6 +19,8 @@ from lightning_fedpeft.tuners.adapter import AdapterConfig, find_transformer_lay
 
 PEFTMethod = Literal["adapter", "lora", "svd", "full", "freeze"]
 PEFT_METHODS: tuple[str, ...] = ("adapter", "lora", "svd", "full", "freeze")
+Task = Literal["classification", "causal_lm"]
+TASKS: tuple[str, ...] = ("classification", "causal_lm")
 
 # The six linear kinds of a BERT layer: attention query/key/value/output and the two feed-forward ones.
 # peft matches target names as suffixes, so "output.dense" also covers "attention.output.dense".
@@ -32,10 +35,22 @@ DEFAULT_SVD_TARGETS: tuple[str, ...] = (
 )
 # The same kinds under other architectures' module names, by ``config.model_type``. MPNet's attention
 # output is ``attn.o``, so there "output.dense" matches the feed-forward output only.
+# Decoders: the seven linear kinds of a Llama-style layer (attention and the gated feed-forward) for
+# both methods, as FlowerTune and OpenFedLLM adapt them; GPT-2's three (its Conv1D layers).
+_LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_STYLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+_GPT2 = ("c_attn", "c_proj", "c_fc")
 ARCHITECTURE_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "bert": (DEFAULT_LORA_TARGETS, DEFAULT_SVD_TARGETS),
     "mpnet": (("attn.q", "attn.v"), ("attn.q", "attn.k", "attn.v", "attn.o", "intermediate.dense", "output.dense")),
+    **{
+        kind: (_LLAMA_STYLE, _LLAMA_STYLE)
+        for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+    },
+    "gpt2": (_GPT2, _GPT2),
 }
+# Where a decoder layer's feed-forward output is (adapters go after it), by model type.
+FFN_OUTPUT: dict[str, str] = {"gpt2": "mlp.c_proj"} | {kind: "mlp.down_proj" for kind in LLAMA_STYLE_TYPES}
 
 
 def default_targets(model: nn.Module, method: str) -> tuple[str, ...]:
@@ -74,6 +89,54 @@ def resolve_model_path(name_or_path: str) -> Path:
             f"model_name_or_path={name_or_path!r}: {path} has no weights (looked for {', '.join(_WEIGHT_FILES)})"
         )
     return path
+
+
+def check_task(path: Path, task: str) -> None:
+    """Refuse a folder whose model is a decoder for classification, or not one for ``causal_lm``.
+
+    Read off ``config.json``'s ``architectures`` (``...ForCausalLM`` / ``...LMHeadModel`` are decoders); a
+    config that names none is taken at its word.
+    """
+    if task not in TASKS:
+        raise ValueError(f"model.task={task!r} is unknown; allowed: {', '.join(TASKS)}")
+    import json
+
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    decoder = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures)
+    if architectures and task == "causal_lm" and not decoder:
+        raise ValueError(
+            f"model.task='causal_lm' needs a decoder, but {path} holds {architectures[0]}; give a causal LM "
+            f"folder (e.g. model_name_or_path=smollm2) or set model.task='classification'"
+        )
+    if architectures and task == "classification" and decoder:
+        raise ValueError(
+            f"model.task='classification' trains an encoder classifier, but {path} holds the decoder "
+            f"{architectures[0]}; set model.task='causal_lm' to tune it on instructions"
+        )
+
+
+def load_causal_lm(path: Path, num_hidden_layers: int | None = None) -> nn.Module:
+    """Load a decoder (``AutoModelForCausalLM``) from a local folder, optionally cut to its first layers."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if num_hidden_layers is not None:
+        if not 1 <= num_hidden_layers <= config.num_hidden_layers:
+            raise ValueError(
+                f"num_hidden_layers={num_hidden_layers} is outside 1..{config.num_hidden_layers} for {path}"
+            )
+        config.num_hidden_layers = num_hidden_layers
+        if getattr(config, "layer_types", None):  # per-layer attention kinds (Gemma 3, Qwen 3) follow the cut
+            config.layer_types = list(config.layer_types)[:num_hidden_layers]
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
 
 
 def load_backbone(
@@ -203,6 +266,7 @@ def apply_peft(
     model: nn.Module,
     method: str,
     *,
+    task: str = "classification",
     depth: int | None = None,
     width: int = 32,
     rank: int = 8,
@@ -213,15 +277,18 @@ def apply_peft(
 ) -> nn.Module:
     """Wrap ``model`` with ``method`` and set ``requires_grad`` so that exactly the federated part trains.
 
-    The classification head always trains. Returns the model to train (peft returns a wrapper).
-    ``depth=None`` (adapters, layer freezing) means every transformer layer.
+    A classifier's head always trains. A decoder's tied input/output embedding never does (not even with
+    ``full``): it is the largest tensor of a small LLM and would travel every round. Returns the model to
+    train (peft returns a wrapper). ``depth=None`` (adapters, layer freezing) means every transformer layer.
     """
     if method not in PEFT_METHODS:
         raise ValueError(f"method={method!r} is not a known PEFT method; allowed: {', '.join(PEFT_METHODS)}")
-    heads = head_module_names(model)
+    heads = head_module_names(model) if task == "classification" else []
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        if task == "causal_lm":
+            _freeze_tied_embeddings(model)
         return model
     if method in ("freeze", "adapter") and depth is None:
         depth = len(find_transformer_layers(model))  # every layer, so a cut model needs no setting
@@ -239,7 +306,9 @@ def apply_peft(
     if method == "adapter":
         for p in model.parameters():
             p.requires_grad_(False)
-        injection = inject_adapters(model, AdapterConfig(depth=depth, width=width))
+        model_type = getattr(getattr(model, "config", None), "model_type", "bert")
+        ffn_output = FFN_OUTPUT.get(model_type, AdapterConfig.ffn_output)
+        injection = inject_adapters(model, AdapterConfig(depth=depth, width=width, ffn_output=ffn_output))
         for adapter in injection.adapters.values():
             adapter.requires_grad_(True)
         for name in heads:
@@ -251,22 +320,25 @@ def apply_peft(
 
     if rank < 1:
         raise ValueError(f"rank={rank} must be a positive integer")
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
     targets = list(target_modules or default_targets(model, method))
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear_names)]
     if unmatched:
         raise ValueError(
             f"target_modules {unmatched} match no linear layer of {type(model).__name__}; set target_modules to "
             f"suffixes of its module names, e.g. {_layer_linear_names(linear_names)}"
         )
+    task_type = "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
     if method == "lora":
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
             lora_dropout=dropout,
             target_modules=targets,
-            modules_to_save=heads,
-            task_type="SEQ_CLS",
+            modules_to_save=heads or None,
+            task_type=task_type,
         )
     else:  # svd: peft's AdaLoRA layers (P, Lambda, Q) at a fixed rank; no allocation is ever called.
         config = AdaLoraConfig(
@@ -275,9 +347,16 @@ def apply_peft(
             lora_alpha=alpha,
             lora_dropout=dropout,
             target_modules=targets,
-            modules_to_save=heads,
+            modules_to_save=heads or None,
             orth_reg_weight=orth_reg_weight,
-            task_type="SEQ_CLS",  # PeftModelForSequenceClassification: its forward adds AdaLoRA's orth. penalty
+            task_type=task_type,  # AdaLoRA's model adds its orthogonality penalty to the loss in every task
             total_step=1,  # required by peft; unused because update_and_allocate is never called here
         )
     return get_peft_model(model, config)
+
+
+def _freeze_tied_embeddings(model: nn.Module) -> None:
+    embeddings = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is embeddings.weight:
+        embeddings.weight.requires_grad_(False)

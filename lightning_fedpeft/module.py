@@ -1,4 +1,5 @@
-"""The LightningModule: a Hugging Face classifier wrapped with a parameter-efficient method."""
+"""The LightningModule: a Hugging Face classifier, or a decoder tuned on instructions, wrapped with a
+parameter-efficient method."""
 
 from __future__ import annotations
 
@@ -6,11 +7,21 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.text import Perplexity
 
 from lightning_fedpeft.cache import ActivationCache
-from lightning_fedpeft.models import PEFT_METHODS, PEFTMethod, apply_peft, load_backbone, resolve_model_path
+from lightning_fedpeft.models import (
+    PEFT_METHODS,
+    PEFTMethod,
+    Task,
+    apply_peft,
+    check_task,
+    load_backbone,
+    load_causal_lm,
+    resolve_model_path,
+)
 from lightning_fedpeft.protocol import TrainableState
 from lightning_fedpeft.state import load_trainable_state
 from lightning_fedpeft.tuners.adapter import AdapterInjection
@@ -19,12 +30,16 @@ from lightning_fedpeft.tuners.svd import adopt_state_ranks
 
 
 class FedPEFTModule(pl.LightningModule):
-    """Sequence classification with adapters, LoRA, truncated-SVD LoRA or full fine-tuning.
+    """Sequence classification, or causal-LM instruction tuning, with adapters, LoRA, truncated-SVD LoRA or
+    full fine-tuning.
 
     Args:
-        model_name_or_path: a local Hugging Face model folder, or ``minilm`` for the packaged
-            all-MiniLM-L6-v2.
-        num_labels: number of classes (linked from the data module by the CLI).
+        model_name_or_path: a local Hugging Face model folder, or a packaged model: ``minilm``, ``mpnet``
+            (encoders), ``smollm2`` (SmolLM2-135M-Instruct, a decoder).
+        task: ``classification`` (an encoder with a classification head; metrics: accuracy, macro-F1) or
+            ``causal_lm`` (a decoder; the loss is on the response tokens only; metrics: loss, perplexity and,
+            with ``max_new_tokens``, the exact-match accuracy of greedy answers).
+        num_labels: number of classes (linked from the data module by the CLI; unused by ``causal_lm``).
         method: ``adapter`` | ``lora`` | ``svd`` | ``full`` | ``freeze`` (layer freezing: the top ``depth``
             transformer layers and the head train, everything below is frozen).
         depth: adapters: how many top layers get an adapter (the rest of the backbone is frozen);
@@ -43,7 +58,9 @@ class FedPEFTModule(pl.LightningModule):
         lr: learning rate of the local optimizer.
         weight_decay: weight decay of the local optimizer.
         activation_cache_mb: if set, cache the frozen bottom's output per example (at most this many MiB)
-            so training runs only the layers above it (see :mod:`lightning_fedpeft.cache`).
+            so training runs only the layers above it (see :mod:`lightning_fedpeft.cache`). Encoders only.
+        max_new_tokens: causal_lm: greedy tokens generated per validation/test example to score exact
+            match against its answer (0: no generation; loss and perplexity only).
 
     Gradient clipping is Lightning's: set ``trainer.gradient_clip_val``.
     """
@@ -51,6 +68,7 @@ class FedPEFTModule(pl.LightningModule):
     def __init__(
         self,
         model_name_or_path: str = "minilm",
+        task: Task = "classification",
         num_labels: int = 2,
         method: PEFTMethod = "adapter",
         depth: int | None = None,
@@ -66,25 +84,40 @@ class FedPEFTModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         activation_cache_mb: float | None = None,
+        max_new_tokens: int = 16,
     ) -> None:
         super().__init__()
         if method not in PEFT_METHODS:
             raise ValueError(f"model.method={method!r} is not a known PEFT method; allowed: {', '.join(PEFT_METHODS)}")
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"model.optimizer={optimizer!r} is not supported; allowed: adamw, sgd")
-        if num_labels < 2:
+        if task == "classification" and num_labels < 2:
             raise ValueError(f"model.num_labels={num_labels} must be at least 2")
+        if max_new_tokens < 0:
+            raise ValueError(f"model.max_new_tokens={max_new_tokens} must be >= 0 (0: no generation)")
+        if task == "causal_lm" and activation_cache_mb is not None:
+            raise ValueError(
+                "model.activation_cache_mb caches an encoder's frozen bottom; leave it unset for model.task='causal_lm'"
+            )
         if lr <= 0:
             raise ValueError(f"model.lr={lr} must be positive")
         if orth_reg_weight < 0:
             raise ValueError(f"model.orth_reg_weight={orth_reg_weight} must be >= 0")
         self.save_hyperparameters()
         path = resolve_model_path(model_name_or_path)
-        backbone = load_backbone(path, num_labels=num_labels, num_hidden_layers=num_hidden_layers, pooling=pooling)
+        try:
+            check_task(path, task)
+        except ValueError as err:
+            raise ValueError(f"model: {err}") from err
+        if task == "causal_lm":
+            backbone = load_causal_lm(path, num_hidden_layers=num_hidden_layers)
+        else:
+            backbone = load_backbone(path, num_labels=num_labels, num_hidden_layers=num_hidden_layers, pooling=pooling)
         try:
             self.model = apply_peft(
                 backbone,
                 method,
+                task=task,
                 depth=depth,
                 width=width,
                 rank=rank,
@@ -97,12 +130,15 @@ class FedPEFTModule(pl.LightningModule):
             raise ValueError(f"model: {err}") from err
         self.activation_cache = ActivationCache(activation_cache_mb) if activation_cache_mb is not None else None
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes=num_labels, average="micro"),
-                "f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
-            }
-        )
+        if task == "causal_lm":
+            metrics = MetricCollection({"ppl": Perplexity(ignore_index=-100), "exact_match": MeanMetric()})
+        else:
+            metrics = MetricCollection(
+                {
+                    "acc": MulticlassAccuracy(num_classes=num_labels, average="micro"),
+                    "f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
+                }
+            )
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
 
@@ -161,18 +197,47 @@ class FedPEFTModule(pl.LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # With labels in the batch, HF computes cross-entropy (and peft's AdaLoRA adds its orthogonality
-        # penalty to it).
-        out = self.activation_cache(self.model, batch) if self.activation_cache is not None else self.model(**batch)
+        # With labels in the batch, HF computes cross-entropy (a decoder's only where labels are not -100:
+        # the response) and peft's AdaLoRA adds its orthogonality penalty to it.
+        if self.activation_cache is not None:
+            out = self.activation_cache(self.model, batch)
+        else:
+            out = self.model(**_model_inputs(batch))
         loss = out.loss
         self.log("train_loss", loss, prog_bar=False, batch_size=batch["labels"].shape[0])
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, prefix: str) -> None:
-        out = self.model(**batch)
-        metrics.update(out.logits.argmax(dim=-1), batch["labels"])
+        out = self.model(**_model_inputs(batch))
+        if self.hparams.task == "causal_lm":
+            # Token t's logits predict token t + 1: perplexity over the response tokens, as the loss.
+            metrics["ppl"].update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+            if self.hparams.max_new_tokens and "prompt_input_ids" in batch:
+                metrics["exact_match"].update(self._exact_matches(batch))
+        else:
+            metrics.update(out.logits.argmax(dim=-1), batch["labels"])
         self.log(f"{prefix}_loss", out.loss, batch_size=batch["labels"].shape[0])
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
+
+    @torch.no_grad()
+    def _exact_matches(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """1.0 per example whose greedy answer (up to its end-of-sequence token) is its answer's tokens."""
+        prompts = batch["prompt_input_ids"]
+        config = getattr(self.model, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        generated = self.model.generate(
+            input_ids=prompts,
+            attention_mask=batch["prompt_attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            pad_token_id=int(batch["pad_token_id"]) if "pad_token_id" in batch else None,
+        )[:, prompts.shape[1] :]
+        scores = []
+        for answer, tokens in zip(batch["answer_ids"], generated, strict=True):
+            want = _until(answer[answer != -100].tolist(), eos_ids)
+            scores.append(float(_until(tokens.tolist(), eos_ids) == want))
+        return torch.tensor(scores, device=prompts.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
@@ -187,3 +252,18 @@ class FedPEFTModule(pl.LightningModule):
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Evaluation batches of instruction data also carry the prompts and answers to generate from.
+    return {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
+
+
+def _until(tokens: list[int], stop: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in stop:
+            return tokens[:i]
+    return tokens

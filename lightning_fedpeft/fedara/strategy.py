@@ -26,6 +26,8 @@ from lightning_fedpeft.strategy import FedAvg
 from lightning_fedpeft.tuners.svd import module_names_in_state, pack, triplet_keys, unpack
 
 IMPORTANCE = ".importance"  # suffix of a module's importance vector in ClientUpdate.tensors
+# A module's transformer layer in its name: BERT's ".layer.3.", Llama's ".layers.3.", GPT-2's ".h.3.".
+_LAYER_INDEX = re.compile(r"\.(?:layer|layers|h)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,7 @@ class RankAllocationStrategy(FedAvg):
         if not self.masks:
             return {}
         live = self.live_modules
-        layers = [int(x.group(1)) for m in live if (x := re.search(r"\.layer\.(\d+)\.", m))]
+        layers = [int(x.group(1)) for m in live if (x := _LAYER_INDEX.search(m))]
         return {
             "budget": float(self.schedule.budget(self.rounds_done)),
             "active_ranks": float(self.active_ranks),
