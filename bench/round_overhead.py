@@ -74,7 +74,7 @@ def bare_rounds(args: argparse.Namespace, data: FederatedTextDataModule, module:
         states, counts = [], []
         for seg in sampler.segments:
             load_trainable_state(model, global_state)
-            optimizer = torch.optim.AdamW(params, lr=5e-3)
+            optimizer = torch.optim.AdamW(params, lr=module.hparams.lr)  # the module's own settings
             for batch_ids in sampler.batches[seg.first_batch : seg.last_batch + 1]:
                 batch = collate([dataset[i] for i in batch_ids])
                 loss = model(**batch).loss
