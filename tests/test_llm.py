@@ -224,3 +224,31 @@ def test_adapters_on_a_decoder_sit_after_its_feed_forward_and_start_as_the_ident
     ids = torch.randint(1000, 5000, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(module.model(input_ids=ids).logits, plain.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize(
+    ("kind", "targets"),
+    [
+        ("qwen2", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+        ("mistral", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+        ("gemma", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+        ("gemma3_text", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+        ("gpt2", {"c_attn", "c_proj", "c_fc"}),
+    ],
+)
+def test_default_lora_targets_of_other_decoders(kind: str, targets: set[str]) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lightning_fedpeft.models import apply_peft
+
+    small = {"vocab_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "tie_word_embeddings": True}
+    if kind == "gpt2":
+        config = AutoConfig.for_model(kind, n_embd=16, n_layer=2, n_head=2, vocab_size=128, n_positions=32)
+    else:
+        config = AutoConfig.for_model(kind, hidden_size=16, intermediate_size=32, num_key_value_heads=1, **small)
+        if kind.startswith("gemma"):
+            config.head_dim = 8
+    model = apply_peft(AutoModelForCausalLM.from_config(config), "lora", task="causal_lm", rank=2)
+    state = trainable_state(model)
+    assert {re.search(r"\.([a-z_]+)\.lora_[AB]\.", k).group(1) for k in state} == targets
+    assert not model.get_input_embeddings().weight.requires_grad
