@@ -190,12 +190,16 @@ class FederatedServer:
         record.sim_time_s = self.strategy.sim_time_s
         record.metrics.update(self.strategy.round_metrics())
         budget_s = None if self.max_sim_hours is None else self.max_sim_hours * 3600.0
-        record.final = budget_s is not None and self.strategy.may_stop() and record.sim_time_s >= budget_s
-        if record.final:
+        clock_spent = budget_s is not None and record.sim_time_s >= budget_s
+        reason = self.strategy.stop_reason()  # e.g. the next round would pass a privacy budget
+        record.final = self.strategy.may_stop() and (clock_spent or reason is not None)
+        if record.final and clock_spent:
             log.info(
                 "round %d: simulated clock %.4f h reached federation.max_sim_hours=%s; the run ends",
                 record.round,
                 record.sim_time_s / 3600.0,
                 self.max_sim_hours,
             )
+        elif record.final:
+            log.warning("round %d: the run ends: %s", record.round, reason)
         return RoundOutcome(record.round, self.global_state, record.final, record)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lightning_fedpeft.aggregation import Aggregator, ServerOptimizer, WeightedMean
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
 
 
@@ -100,6 +101,18 @@ class Strategy:
         """Further tables to keep beside ``rounds.csv``, as ``{name: rows}`` (``name.csv``); default none."""
         return {}
 
+    def use_aggregator(self, aggregator: Aggregator) -> None:
+        """Combine updates with ``aggregator`` (``federation.aggregator``); ``ValueError`` if this strategy cannot."""
+        raise ValueError(f"{type(self).__name__} takes no federation.aggregator; leave it unset")
+
+    def use_server_optimizer(self, optimizer: ServerOptimizer) -> None:
+        """Step with ``optimizer`` from the combined state (``federation.server_optimizer``), or ``ValueError``."""
+        raise ValueError(f"{type(self).__name__} takes no federation.server_optimizer; leave it unset")
+
+    def stop_reason(self) -> str | None:
+        """Why the run must end after the round just closed (e.g. a privacy budget spent), or ``None``."""
+        return None
+
     def may_stop(self) -> bool:
         """Whether a run may end after the round just closed (e.g. on a simulated-time budget).
 
@@ -117,25 +130,53 @@ class Strategy:
 
 
 class FedAvg(Strategy):
-    """Sample-weighted federated averaging (McMahan et al., 2017) over the trainable state only.
+    """Federated averaging (McMahan et al., 2017) over the trainable state only.
 
-    The new global tensor is ``sum_k n_k * w_k / sum_k n_k`` where ``n_k`` is client k's number of
-    training examples, accumulated in float64. With no updates (every participant failed) the global
-    state is kept.
+    By default the sample-weighted mean ``sum_k n_k * w_k / sum_k n_k`` where ``n_k`` is client k's
+    number of training examples, accumulated in float64. Another combination (a robust rule, DP noise)
+    and a server optimizer can be plugged in (:mod:`lightning_fedpeft.aggregation`). With no updates
+    (every participant failed) the global state is kept.
     """
+
+    def __init__(self, clients_per_round: int, seed: int = 0) -> None:
+        super().__init__(clients_per_round, seed)
+        self.aggregator: Aggregator = WeightedMean()
+        self.server_optimizer: ServerOptimizer | None = None
+
+    def use_aggregator(self, aggregator: Aggregator) -> None:
+        self.aggregator = aggregator
+
+    def use_server_optimizer(self, optimizer: ServerOptimizer) -> None:
+        self.server_optimizer = optimizer
+
+    def validate(self, num_clients: int) -> None:
+        super().validate(num_clients)
+        self.aggregator.bind(self.clients_per_round, num_clients, self.seed)
 
     def aggregate(
         self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
     ) -> TrainableState:
         if not updates:
             return {k: v.clone() for k, v in global_state.items()}
-        total = sum(u.num_examples for u in updates)
-        if total <= 0:
-            raise ValueError("FedAvg needs at least one example among the updates")
-        out: TrainableState = {}
-        for name, ref in global_state.items():
-            acc = torch.zeros_like(ref, dtype=torch.float64)
-            for u in updates:
-                acc += u.state[name].to(torch.float64) * (u.num_examples / total)
-            out[name] = acc.to(ref.dtype)
-        return out
+        combined = self.aggregator.combine(round_idx, global_state, updates)
+        if self.server_optimizer is not None:
+            combined = self.server_optimizer.step(global_state, combined)
+        return combined
+
+    def round_metrics(self) -> dict[str, float]:
+        return self.aggregator.metrics()
+
+    def stop_reason(self) -> str | None:
+        return self.aggregator.stop_reason()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict() | {"aggregator": self.aggregator.state_dict()}
+        if self.server_optimizer is not None:
+            state["server_optimizer"] = self.server_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.aggregator.load_state_dict(state.get("aggregator", {}))
+        if self.server_optimizer is not None and "server_optimizer" in state:
+            self.server_optimizer.load_state_dict(state["server_optimizer"])

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from torch.utils.data import DataLoader
 
+from lightning_fedpeft.aggregation import Aggregator, ServerOptimizer
 from lightning_fedpeft.algorithm import FederatedAlgorithm, FederatedRun, configure_algorithms
 from lightning_fedpeft.callbacks.client_data import ClientData
 from lightning_fedpeft.callbacks.round_log import RoundLog
@@ -64,6 +65,10 @@ class RoundSync(Callback):
         max_sim_hours: if set (needs ``cost_model``), end ``fit`` after the first round at which the simulated
             clock reaches this many hours, on every process alike; ``trainer.max_epochs`` stays a cap. A
             strategy that runs multi-round trials (FedAdapter) ends only at a decision.
+        aggregator: how the server combines updates (:mod:`lightning_fedpeft.aggregation`): ``WeightedMean``
+            (default), ``CoordinateMedian``, ``TrimmedMean``, ``NormBounded`` or ``DPGaussian`` (client-level
+            differential privacy; the run ends at its epsilon budget).
+        server_optimizer: a step from the combined state: ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedAdagrad``.
     """
 
     def __init__(
@@ -83,6 +88,8 @@ class RoundSync(Callback):
         cost_model: CostModel | None = None,
         compression: str = "none",
         max_sim_hours: float | None = None,
+        aggregator: Aggregator | None = None,
+        server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("clients_per_round", clients_per_round), ("eval_every", eval_every)):
@@ -97,6 +104,7 @@ class RoundSync(Callback):
         self.clients_per_round, self.num_clients, self.seed = clients_per_round, num_clients, seed
         self.local_epochs, self.local_steps, self.eval_every = local_epochs, local_steps, eval_every
         self.cost_model, self.max_sim_hours = cost_model, max_sim_hours
+        self.aggregator, self.server_optimizer = aggregator, server_optimizer
         timeouts = (round_deadline_s, liveness_timeout_s, wait_timeout_s)
         self.launcher = launcher or make_launcher(mode, *timeouts, compression=compression)
         self._given_strategy = strategy
@@ -151,6 +159,10 @@ class RoundSync(Callback):
         )
         self._owner, self.strategy = configure_algorithms(run, self._given_strategy)
         self.algorithms = run.algorithms
+        if self.aggregator is not None:  # the strategy takes them, or says why it cannot
+            self.strategy.use_aggregator(self.aggregator)
+        if self.server_optimizer is not None:
+            self.strategy.use_server_optimizer(self.server_optimizer)
         self.strategy.validate(data.num_clients)
         channel.check_round_size(self.clients_per_round)
         if not channel.is_server:

@@ -138,6 +138,21 @@ class TrialGroupStrategy(Strategy):
         self._costs: dict[Config, float] = {}  # the next window's candidates, as they are answered
         self._metrics: dict[str, float] = {}
 
+    def use_aggregator(self, aggregator: Any) -> None:
+        if aggregator.private:
+            raise ValueError(
+                f"federation.aggregator={type(aggregator).__name__} does not work with ProgressiveUpgrade: trial "
+                f"groups are not a uniform sample of the clients and the candidates are scored on the server, which "
+                f"the privacy accountant does not cover; drop one of the two"
+            )
+        self._fedavg.use_aggregator(aggregator)
+
+    def use_server_optimizer(self, optimizer: Any) -> None:
+        raise ValueError(
+            f"federation.server_optimizer={type(optimizer).__name__} does not work with ProgressiveUpgrade: the trial "
+            f"groups train different adapter configurations, whose shapes one set of moments cannot follow"
+        )
+
     @property
     def groups(self) -> int:
         return len(self.candidates)
@@ -150,6 +165,7 @@ class TrialGroupStrategy(Strategy):
                 f"round but there are {num_clients}; lower federation.clients_per_round, use fewer "
                 f"upgrade.candidates or more data.num_clients"
             )
+        self._fedavg.validate(num_clients)  # binds its aggregator to the run's sizes
 
     # -- windows ------------------------------------------------------------------------------------------
     def initialize(self, global_state: TrainableState) -> None:
@@ -303,7 +319,7 @@ class TrialGroupStrategy(Strategy):
 
     def round_metrics(self) -> dict[str, float]:
         metrics, self._metrics = self._metrics, {}
-        return metrics
+        return self._fedavg.round_metrics() | metrics
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"decisions": [asdict(d) for d in self.decisions]}

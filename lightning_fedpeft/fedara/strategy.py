@@ -224,12 +224,27 @@ class RankAllocationStrategy(FedAvg):
             idx = mask.nonzero().flatten()
             self.scores[m][idx] = beta * self.scores[m][idx] + (1.0 - beta) * mean
 
+    def use_aggregator(self, aggregator: Any) -> None:
+        if aggregator.private:
+            raise ValueError(
+                f"federation.aggregator={type(aggregator).__name__} does not work with RankAllocation: the importance "
+                f"values clients send beside their updates are neither clipped nor noised, so no privacy guarantee "
+                f"would cover them; drop one of the two"
+            )
+        super().use_aggregator(aggregator)
+
+    def use_server_optimizer(self, optimizer: Any) -> None:
+        raise ValueError(
+            f"federation.server_optimizer={type(optimizer).__name__} does not work with RankAllocation: masking "
+            f"removes triplets from the state between rounds, which the optimizer's moments cannot follow"
+        )
+
     def round_metrics(self) -> dict[str, float]:
         if not self.masks:
             return {}
         live = self.live_modules
         layers = [int(x.group(1)) for m in live if (x := _LAYER_INDEX.search(m))]
-        return {
+        return super().round_metrics() | {
             "budget": float(self.schedule.budget(self.rounds_done)),
             "active_ranks": float(self.active_ranks),
             "live_modules": float(len(live)),
