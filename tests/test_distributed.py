@@ -300,6 +300,19 @@ def test_an_exception_in_one_ranks_training_step_ends_every_rank_promptly(tmp_pa
     assert [int(r["round"]) for r in _rounds(tmp_path, "fail")] == [0]
 
 
+@pytest.mark.timeout(240)
+def test_client_ranks_exit_with_one_line_when_the_server_is_killed(tmp_path: Path, cache_dir: str) -> None:
+    kill = {"class_path": "dist_helpers.KillRank", "init_args": {"rank": 0, "round": 2, "batch": 0}}
+    config = _config(tmp_path, cache_dir, "server_gone", [kill], liveness_timeout_s=300, wait_timeout_s=600)
+    procs, outs, _ = _plain_processes(config, timeout=200)  # a client left waiting would hit the timeout
+    assert procs[0].returncode == -9
+    for rank in (1, 2):
+        stderr = outs[rank][1]
+        assert procs[rank].returncode == 1, stderr[-2000:]
+        assert "fedpeft: error: rank" in stderr and "lost the server (rank 0) in round 2" in stderr, stderr[-2000:]
+        assert "--ckpt_path last" in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
 @pytest.mark.timeout(300)
 def test_edge_boards_in_real_mode_each_train_on_all_of_their_own_file(tmp_path: Path, cache_dir: str) -> None:
     # Three boards, three files of different sizes, each board told data.num_clients=1 (its file is its

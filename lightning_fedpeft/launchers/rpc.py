@@ -386,6 +386,7 @@ class RPCLauncher(RoundChannel):
         self._reference: TrainableState = {}
         self._received: TrainableState = {}
         self.stopped_by: str | None = None  # why the federation stopped, once this process knows it
+        self.round: int | None = None  # the round this process last joined
         self.rpc_seconds = 0.0
 
     def check_round_size(self, clients_per_round: int) -> None:
@@ -442,14 +443,29 @@ class RPCLauncher(RoundChannel):
             self._beat = threading.Thread(target=self._heartbeat_loop, name="fedpeft-heartbeat", daemon=True)
             self._beat.start()
 
+    def _server_gone(self, err: BaseException) -> str:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = f"in round {self.round}" if self.round is not None else "before the first round"
+        return (
+            f"rank {self.rank} lost the server (rank 0) {where}: {detail}. The server's last checkpoint holds the "
+            f"run: start every process again with --ckpt_path last"
+        )
+
     def _heartbeat_loop(self) -> None:
+        failures = 0
         while not self._stop.wait(self.heartbeat_s):
             try:
                 answer = rpc.rpc_sync(
                     _worker_name(0), _remote_heartbeat, args=(self.rank,), timeout=self.heartbeat_s * 5
                 )
-            except Exception:  # the server may be busy or gone; the waits below report it
+            except Exception as err:  # noqa: BLE001  (TensorPipe says "eof", "connection refused", ...)
+                failures += 1
+                if failures >= 2 and not self._stop.is_set():  # not one slow answer: the server is gone
+                    self.stopped_by = self._server_gone(err)
+                    self._alarm.ring(self.stopped_by)
+                    return
                 continue
+            failures = 0
             if isinstance(answer, Aborted):
                 self.stopped_by = answer.reason
                 self._alarm.ring(answer.reason)
@@ -457,7 +473,11 @@ class RPCLauncher(RoundChannel):
 
     def _call(self, fn, *args):  # noqa: ANN001, ANN202
         start = time.perf_counter()
-        result = rpc.rpc_sync(_worker_name(0), fn, args=(self.rank, *args), timeout=self.wait_timeout_s)
+        try:
+            result = rpc.rpc_sync(_worker_name(0), fn, args=(self.rank, *args), timeout=self.wait_timeout_s)
+        except RuntimeError as err:  # the transport's error when the server is gone, e.g. mid-upload
+            self.stopped_by = self.stopped_by or self._server_gone(err)
+            raise FederationAborted(self.stopped_by) from None
         if isinstance(result, Aborted):
             self.stopped_by = result.reason
             raise FederationAborted(result.reason)
@@ -480,6 +500,7 @@ class RPCLauncher(RoundChannel):
 
     # -- the round -----------------------------------------------------------------------------------
     def begin_round(self, round_idx: int) -> RoundTicket:
+        self.round = round_idx
         if self.rank == 0:
             assert self.endpoint is not None
             self.endpoint.open_round(round_idx)
