@@ -150,19 +150,22 @@ class ActivationCache:
         return out
 
     def _fill(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keys: list, boundary: int) -> None:
-        # Dropout off: the cached bottom must be a deterministic function of the input.
+        # Dropout off: the cached bottom must be a deterministic function of the input. And of the input
+        # alone: each row runs by itself at its own length, not padded into whichever batch it first came
+        # in (that changes the float rounding), so a run resumed with an empty cache computes the same
+        # values the uninterrupted one cached. It costs about 1.3x a batched fill, once per example.
         base = encoder_parts(model)[0]
         was_training = base.training
         base.eval()
         try:
             with torch.no_grad(), only_layers(model, 0, boundary):
-                hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+                for i, key in enumerate(keys):
+                    n = int(mask[i].sum())
+                    row = base(input_ids=ids[i : i + 1, :n], attention_mask=mask[i : i + 1, :n]).last_hidden_state
+                    self._entries[key] = row[0].clone()
+                    self.nbytes += self._nbytes(self._entries[key])
         finally:
             base.train(was_training)
-        for i, key in enumerate(keys):
-            row = hidden[i, : int(mask[i].sum())].clone()
-            self._entries[key] = row
-            self.nbytes += self._nbytes(row)
 
     def _num_layers(self, model: nn.Module) -> int:
         if self._layers is None:

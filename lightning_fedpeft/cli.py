@@ -14,6 +14,7 @@ import sys
 import warnings
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_fedpeft.callbacks import FederatedProgressBar, RoundSync
@@ -29,6 +30,12 @@ class FedPEFTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(RoundSync, "federation")
         parser.add_lightning_class_args(FederatedProgressBar, "progress_bar")
+        # Every round's end is a checkpoint (last.ckpt, written atomically by RoundSync's checkpoint IO), so
+        # a run killed mid-round resumes with --ckpt_path last from the round before. At every round's end,
+        # whatever eval_every: RoundSync changes when Lightning validates, and a checkpoint that waits for
+        # validation would be skipped.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_on_train_epoch_end": True})
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="Evaluate the final global model on the test split."
         )
@@ -41,7 +48,24 @@ class FedPEFTCLI(LightningCLI):
         # `trainer.enable_progress_bar: false` means no bar, ours included (Lightning would refuse both).
         if config.get("enable_progress_bar") is False:
             callbacks = [cb for cb in callbacks if not isinstance(cb, FederatedProgressBar)]
-        return super()._instantiate_trainer(config, callbacks)
+        if config.get("enable_checkpointing") is False:  # likewise no checkpoints, ours included
+            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+        trainer = super()._instantiate_trainer(config, callbacks)
+        _resumable(trainer)
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyper-parameters here, while it parses the arguments, before
+        # any public hook: a truncated or damaged file must give one line (the file is only read).
+        try:
+            super()._parse_ckpt_path()
+        except RuntimeError as err:
+            if "PytorchStreamReader" not in str(err) and "zip archive" not in str(err):
+                raise
+            ckpt = (self.config.get(self.config.get("subcommand") or "", {}) or {}).get("ckpt_path")
+            _exit_with(
+                ValueError(f"the checkpoint {ckpt} cannot be read ({str(err).split('.')[0]}); resume from another"), 2
+            )
 
     def instantiate_classes(self) -> None:
         # Bad settings raise ValueError while the data module and model are built, before any training:
@@ -60,6 +84,12 @@ class FedPEFTCLI(LightningCLI):
             _exit_with(err, 2)
         except FederationAborted as err:
             _exit_with(err, 1)
+        except RuntimeError as err:
+            if "PytorchStreamReader" not in str(err) and "zip archive" not in str(err):
+                raise
+            # torch.load on a truncated or damaged file; the file is left as it is
+            where = self.trainer.ckpt_path or kwargs.get("ckpt_path")
+            _exit_with(ValueError(f"the checkpoint {where} cannot be read ({err}); resume from another one"), 2)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -70,6 +100,19 @@ class FedPEFTCLI(LightningCLI):
         if self.config_init[self.subcommand].get("test_after_fit", True) and not trainer.interrupted:
             results = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         _print_summary(trainer, sync, results[0] if results else {})
+
+
+def _resumable(trainer: Any) -> None:
+    """Let `--ckpt_path last` find the previous run's checkpoint: every round's last.ckpt, in a folder that
+    does not change with the logger's version (``<save_dir>/<name>/checkpoints``)."""
+    logger = trainer.logger
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        if callback.save_last is None:
+            callback.save_last = True
+        if callback.dirpath is None and logger is not None and logger.save_dir is not None:
+            callback.dirpath = os.path.join(logger.save_dir, str(logger.name or ""), "checkpoints")
 
 
 def _exit_with(err: Exception, code: int) -> None:

@@ -170,7 +170,9 @@ def count_train_flops(
     bottom = 0
     if boundary > 0:
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter, only_layers(model, 0, boundary):
+        # In the RNG's own fork too: the bottom runs in train mode, and its dropout must not move the
+        # training's random stream (a probe made only by a resumed run would change what it trains).
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), counter, only_layers(model, 0, boundary):
             base(input_ids=ids, attention_mask=batch.get("attention_mask"))
         bottom = counter.get_total_flops() // max(1, ids.shape[0])
     return step, bottom

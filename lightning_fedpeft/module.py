@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.text import Perplexity
 
 from lightning_fedpeft.cache import ActivationCache
+from lightning_fedpeft.errors import SetupError
 from lightning_fedpeft.models import (
     PEFT_METHODS,
     PEFTMethod,
@@ -188,6 +189,19 @@ class FedPEFTModule(pl.LightningModule):
         injection.resize(depth, width, generator=generator)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint of another model or method would fail deep in a strict state-dict load: name the
+        # settings that differ instead, before anything is loaded (the file is only read).
+        saved = checkpoint.get("hyper_parameters") or {}
+        differ = [
+            f"model.{key}={saved[key]!r} there, {self.hparams[key]!r} here"
+            for key in _SHAPING_SETTINGS
+            if key in saved and key in self.hparams and saved[key] != self.hparams[key]
+        ]
+        if differ:
+            raise SetupError(
+                f"the checkpoint was written by a run with other model settings: {'; '.join(differ)}. Resume with "
+                f"the settings it was written with, or start without --ckpt_path"
+            )
         # A FedAdapter run may have grown the adapters, a FedARA run cut or pruned SVD layers: take the
         # checkpoint's configuration before Lightning loads its (strict) state dict.
         self._adopt_configuration(checkpoint.get("state_dict", {}))
@@ -255,6 +269,19 @@ class FedPEFTModule(pl.LightningModule):
 
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+# The settings that decide which tensors the model has (a learning rate may change across a resume).
+_SHAPING_SETTINGS = (
+    "model_name_or_path",
+    "task",
+    "num_labels",
+    "method",
+    "depth",
+    "width",
+    "rank",
+    "target_modules",
+    "num_hidden_layers",
+    "pooling",
+)
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

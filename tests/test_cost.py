@@ -178,3 +178,16 @@ def test_max_sim_hours_ends_fit_after_the_round_that_reaches_it(stackoverflow, t
     assert [row["round"] for row in history] == [0, 1, 2]
     assert history[-2]["sim_time_h"] < budget <= history[-1]["sim_time_h"]
     assert [row["sim_time_h"] for row in history] == pytest.approx(clock[:3])
+
+
+def test_counting_a_step_leaves_the_random_stream_alone() -> None:
+    # The cost model probes a configuration the first time it meets it, in the middle of training (a
+    # resumed run meets it at another time than the run it continues): the dropout draws must not move.
+    module = FedPEFTModule(num_labels=3, num_hidden_layers=2, method="adapter", depth=1, width=8).train()
+    ids = torch.randint(1000, 5000, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+    for cached in (False, True):
+        torch.manual_seed(3)
+        before = torch.get_rng_state()
+        count_train_flops(module.model, batch, cached=cached)
+        assert torch.equal(torch.get_rng_state(), before), f"cached={cached}"

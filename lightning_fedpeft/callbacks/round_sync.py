@@ -21,13 +21,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_fedpeft.aggregation import Aggregator, ServerOptimizer
 from lightning_fedpeft.algorithm import FederatedAlgorithm, FederatedRun, configure_algorithms
 from lightning_fedpeft.callbacks.client_data import ClientData
 from lightning_fedpeft.callbacks.round_log import RoundLog
+from lightning_fedpeft.checkpoint import AtomicCheckpointIO
 from lightning_fedpeft.cost import CostModel
 from lightning_fedpeft.errors import SetupError
 from lightning_fedpeft.launchers import FederationAborted, RoundChannel, make_launcher
@@ -165,7 +167,12 @@ class RoundSync(Callback):
             self.strategy.use_server_optimizer(self.server_optimizer)
         self.strategy.validate(data.num_clients)
         channel.check_round_size(self.clients_per_round)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a kill mid-write must not break last.ckpt
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if not channel.is_server:
+            for callback in trainer.checkpoint_callbacks:  # the server's checkpoint holds the run
+                if isinstance(callback, ModelCheckpoint):
+                    callback.save_top_k, callback.save_last = 0, False
             trainer.limit_val_batches = 0  # the server evaluates the global model; clients do not
             trainer.num_sanity_val_steps = 0
             if trainer.progress_bar_callback is not None:
