@@ -181,8 +181,11 @@ def _quiet_third_party_noise() -> None:
         handler.addFilter(_NoTips())
 
 
-def run_cli(args: list[str] | None = None) -> FedPEFTCLI:
-    """Build and run the CLI; returns it (with its trainer, model and data module) for programmatic use."""
+def run_cli(args: list[str] | None = None, run: bool = True) -> FedPEFTCLI:
+    """Build and run the CLI; returns it (with its trainer, model and data module) for programmatic use.
+
+    ``run=False``: parse ``args`` (no subcommand) and build the classes only, as ``fit`` would.
+    """
     _quiet_third_party_noise()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models and data are local
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -199,4 +202,5 @@ def run_cli(args: list[str] | None = None) -> FedPEFTCLI:
         },
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": "Federated parameter-efficient fine-tuning (lightning-fedpeft)."},
+        run=run,
     )

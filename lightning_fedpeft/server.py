@@ -27,6 +27,8 @@ from lightning_fedpeft.strategy import Query, Strategy
 
 log = logging.getLogger(__name__)
 
+MAX_CHANGE = 1e4  # an update may move the global state by at most this many times the state's norm
+
 
 class FederatedServer:
     """Holds the global trainable state and runs rounds with a :class:`Strategy`.
@@ -134,19 +136,41 @@ class FederatedServer:
             return f"client {update.client_id} is not a participant of round {update.round}"
         if update.client_id in self.record.received:
             return "duplicate update"
-        if set(update.state) != set(self.global_state):
-            return "tensor names differ from the global state"
+        count = update.num_examples
+        if isinstance(count, bool) or not isinstance(count, int | float) or not (math.isfinite(count) and count > 0):
+            return f"num_examples={count!r} is not a positive count"
+        if not isinstance(update.state, dict) or not isinstance(update.tensors, dict):
+            return "the state and the tensors beside it must be name -> tensor mappings"
+        names, expected = set(update.state), set(self.global_state)
+        if names != expected:
+            missing, extra = sorted(expected - names)[:3], sorted(names - expected)[:3]
+            return f"tensor names differ from the global state (missing {missing}, unexpected {extra})"
+        change = 0.0
         for name, ref in self.global_state.items():
             tensor = update.state[name]
+            if not isinstance(tensor, torch.Tensor):
+                return f"{name} is a {type(tensor).__name__}, not a tensor"
             if tuple(tensor.shape) != tuple(ref.shape):
                 return f"{name} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}"
+            if tensor.dtype != ref.dtype:
+                return f"{name} has dtype {tensor.dtype}, expected {ref.dtype}"
             if not torch.isfinite(tensor).all():
                 return f"{name} has non-finite values"
-        if not (update.num_examples > 0 and math.isfinite(update.num_examples)):
-            return f"num_examples={update.num_examples} is not a positive count"
+            change += float((tensor.to(torch.float64) - ref.to(torch.float64)).pow(2).sum())
+        # A finite change can still be absurd (1e30): no honest local round moves the state by more than
+        # MAX_CHANGE times its own size (a robust aggregator is the defence against subtler poisoning).
+        scale = math.sqrt(sum(float(t.to(torch.float64).pow(2).sum()) for t in self.global_state.values()))
+        if not math.sqrt(change) <= MAX_CHANGE * max(1.0, scale):
+            return f"the update moves the state by {math.sqrt(change):.3g}, over {MAX_CHANGE:g} x its norm {scale:.3g}"
+        side = 0
         for name, tensor in update.tensors.items():
+            if not isinstance(tensor, torch.Tensor):
+                return f"tensor {name} is a {type(tensor).__name__}, not a tensor"
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 return f"tensor {name} has non-finite values"
+            side += tensor.numel() * tensor.element_size()
+        if side > max(state_nbytes(self.global_state), 2**20):  # what travels beside a state is smaller than it
+            return f"the tensors beside the state take {side} bytes, more than the state itself; refused as oversized"
         return self.strategy.check_update(update)
 
     def close_round(self) -> RoundRecord:
