@@ -23,6 +23,8 @@ from lightning_fedpeft.errors import SetupError
 from lightning_fedpeft.launchers import FederationAborted
 from lightning_fedpeft.module import FedPEFTModule
 
+log = logging.getLogger(__name__)
+
 
 class FedPEFTCLI(LightningCLI):
     """LightningCLI with the federation settings, linked arguments and a test pass after ``fit``."""
@@ -78,6 +80,12 @@ class FedPEFTCLI(LightningCLI):
     def fit(self, model: Any, **kwargs: Any) -> None:
         # RoundSync checks the federation as a whole when fit sets up (SetupError), and a rank that learns
         # that another one failed stops with FederationAborted: one line each, no traceback of this rank.
+        sync = RoundSync.find(self.trainer)
+        if kwargs.get("ckpt_path") is not None and sync is not None and not sync.launcher.is_server:
+            # Only the server's checkpoint holds the run (client ranks keep none, and often sit on other
+            # machines): a client rank joins the resumed run at the server's round, with its state.
+            log.info("rank %d: --ckpt_path is the server's (rank 0); this rank joins where it is", sync.launcher.rank)
+            kwargs["ckpt_path"] = None
         try:
             self.trainer.fit(model, **kwargs)
         except SetupError as err:

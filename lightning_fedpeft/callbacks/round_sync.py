@@ -119,6 +119,8 @@ class RoundSync(Callback):
         self._round: LocalRound | None = None  # the round open on this process
         self._row: dict[str, Any] | None = None  # the round just closed, completed at the epoch's end
         self._validate_now = False
+        self._next_round = 0  # rounds completed: where a run resumed from this process's checkpoint goes on
+        self._reference: TrainableState | None = None  # the run's starting state, the codec's reference
 
     @staticmethod
     def find(trainer: pl.Trainer) -> RoundSync | None:
@@ -193,11 +195,15 @@ class RoundSync(Callback):
         # After any checkpoint restore, so a resumed run continues from the saved global model.
         assert self.strategy is not None and self._data is not None
         initial = trainable_state(pl_module)
+        if self._reference is None:  # not resumed: int8 downloads are differences from this state
+            self._reference = initial
         server = None
         if self.launcher.is_server:
             server = FederatedServer(self.strategy, self._data.num_clients, self.cost_model, self.max_sim_hours)
             server.initialize(initial)
-        self.launcher.start(server, initial)
+        first_round = self.launcher.start(server, self._reference, self._next_round)
+        if not self.launcher.is_server and first_round != trainer.current_epoch:
+            _continue_at(trainer, first_round)
         self._answer_queries(trainer, pl_module)
 
     def _answer_queries(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -262,8 +268,12 @@ class RoundSync(Callback):
         round_idx = local.ticket.round
         if self.launcher.close_round(round_idx) is not None:  # this process hosts the server
             self._answer_queries(trainer, pl_module)
-        outcome = self.launcher.finish_round(round_idx)
-        _load_state(pl_module, outcome.global_state)
+        # A client process needs the new global state only at the end (every client of the next round
+        # starts from that round's state): one state download per rank and round instead of two.
+        last_epoch = trainer.max_epochs is not None and round_idx >= trainer.max_epochs - 1
+        outcome = self.launcher.finish_round(round_idx, state_needed=self.launcher.is_server or last_epoch)
+        if outcome.global_state:
+            _load_state(pl_module, outcome.global_state)
         if outcome.record is not None:
             compressed = self.launcher.codec.compression != "none"
             row = self.round_log.server_row(outcome.record, local.losses, compressed, self.cost_model is not None)
@@ -273,7 +283,7 @@ class RoundSync(Callback):
             trainer.should_stop = True
         row["train_time_s"] = time.perf_counter() - local.opened_at
         # The run's last round is evaluated too, so the logged curve ends at the model fit returns.
-        last = outcome.final or (trainer.max_epochs is not None and round_idx == trainer.max_epochs - 1)
+        last = outcome.final or last_epoch
         self._validate_now = (round_idx + 1) % self.eval_every == 0 or last
         if self._validate_now:
             trainer.check_val_every_n_epoch = 1  # Lightning reads it after this batch, still in this epoch
@@ -291,6 +301,7 @@ class RoundSync(Callback):
         if self._row is None or local is None:
             return
         row, self._row, self._round = self._row, None, None
+        self._next_round = local.ticket.round + 1
         row["round_time_s"] = time.perf_counter() - local.opened_at  # includes the evaluation, if any
         trainer.check_val_every_n_epoch = self.eval_every
         assert self.strategy is not None
@@ -329,16 +340,30 @@ class RoundSync(Callback):
         checkpoint["optimizer_states"] = []
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"history": list(self.history)}
+        state: dict[str, Any] = {"history": list(self.history), "next_round": self._next_round}
         if self.strategy is not None:
             state["strategy"] = self.strategy.state_dict()
+        if self.launcher.codec.compression != "none" and self._reference is not None:
+            state["reference"] = self._reference  # what the resumed run's int8 downloads must be relative to
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callback state after setup, so the strategy to restore into exists.
         self.round_log.rows[:] = list(state_dict.get("history", []))
+        self._next_round = int(state_dict.get("next_round", len(self.round_log.rows)))
+        self._reference = state_dict.get("reference")
         if self.strategy is not None and "strategy" in state_dict:
             self.strategy.load_state_dict(state_dict["strategy"])
+
+
+def _continue_at(trainer: pl.Trainer, round_idx: int) -> None:
+    # A client rank restarted without a checkpoint joins the server's resumed run: Lightning's epoch counter
+    # (current_epoch, which names the round and counts towards max_epochs) goes to the server's round, as a
+    # restore from the checkpoint would set it. Only the counter: this rank's model, data and optimizer are
+    # all reset from the server's state at every client anyway.
+    progress = trainer.fit_loop.epoch_progress
+    for counter in (progress.total, progress.current):
+        counter.ready = counter.started = counter.processed = counter.completed = round_idx
 
 
 def _load_state(pl_module: pl.LightningModule, state: TrainableState) -> None:

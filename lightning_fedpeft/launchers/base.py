@@ -42,11 +42,13 @@ class RoundChannel:
     def check_round_size(self, clients_per_round: int) -> None:
         """Raise ``ValueError`` naming the setting if this transport cannot run rounds of that many clients."""
 
-    def start(self, server: FederatedServer | None, reference: TrainableState) -> None:
+    def start(self, server: FederatedServer | None, reference: TrainableState, first_round: int = 0) -> int:
         """Connect. ``server`` (initialized) is hosted here if this is the server's process, else ignored.
 
-        ``reference``: the run's starting state, which every process holds (what int8 downloads are
-        differences from).
+        ``reference``: the run's starting state (what int8 downloads are differences from) and
+        ``first_round``: the round to run next (above 0 in a resumed run), as this process knows them. The
+        server's process is the authority: the others adopt its reference and return its first round, so
+        that client processes restarted without the checkpoint join the resumed run where it is.
         """
         raise NotImplementedError
 
@@ -62,8 +64,13 @@ class RoundChannel:
         """On the server's process: wait for the round's updates and aggregate them. ``None`` elsewhere."""
         raise NotImplementedError
 
-    def finish_round(self, round_idx: int) -> RoundOutcome:
-        """The round's outcome: published by the server's process (after its queries), fetched by the others."""
+    def finish_round(self, round_idx: int, state_needed: bool = True) -> RoundOutcome:
+        """The round's outcome: published by the server's process (after its queries), fetched by the others.
+
+        ``state_needed=False``: a client process needs only whether the run ends (every client of the next
+        round starts from that round's state); its outcome's ``global_state`` may then be empty, unless the
+        run ends with this round.
+        """
         raise NotImplementedError
 
     def abort(self, reason: str) -> None:

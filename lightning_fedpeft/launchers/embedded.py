@@ -15,12 +15,13 @@ class EmbeddedLauncher(RoundChannel):
     States still pass through the codec (encode, then decode) so that compression behaves as on a wire.
     """
 
-    def start(self, server: FederatedServer | None, reference: TrainableState) -> None:
+    def start(self, server: FederatedServer | None, reference: TrainableState, first_round: int = 0) -> int:
         if server is None:
             raise ValueError("EmbeddedLauncher hosts the server: start() needs one")
         self.server = server
         self._reference = reference
         self._sent: TrainableState = {}
+        return first_round
 
     def begin_round(self, round_idx: int) -> RoundTicket:
         assert self.server is not None, "start() first"
@@ -38,6 +39,6 @@ class EmbeddedLauncher(RoundChannel):
         assert self.server is not None
         return self.server.close_round()
 
-    def finish_round(self, round_idx: int) -> RoundOutcome:
+    def finish_round(self, round_idx: int, state_needed: bool = True) -> RoundOutcome:
         assert self.server is not None
         return self.server.finish_round()

@@ -103,6 +103,13 @@ class ServerEndpoint:
         self.told: set[int] = set()  # ranks that have heard of the abort
         self.gone: set[int] = set()  # ranks that said goodbye: they make no more calls
         self.on_abort: Any = None  # called (in an RPC thread) when a client rank reports a failure
+        self.first_round = 0  # the round the run starts (or, resumed, continues) with
+
+    def join(self, rank: int) -> tuple[int, TrainableState]:
+        """What a client rank adopts when it connects: the first round, and the codec's reference if it has one."""
+        with self.cond:
+            self._touch(rank)
+            return self.first_round, (self.reference if self.codec.compression != "none" else {})
 
     # -- liveness ------------------------------------------------------------------------------------
     def _touch(self, rank: int) -> Aborted | None:
@@ -248,14 +255,19 @@ class ServerEndpoint:
             self.cond.notify_all()
             return outcome
 
-    def fetch_outcome(self, rank: int, round_idx: int) -> tuple[TrainableState, bool] | Aborted | None:
-        """The finished round's global state and whether the run ends with it; ``None`` while not finished."""
+    def fetch_outcome(
+        self, rank: int, round_idx: int, state_needed: bool = True
+    ) -> tuple[TrainableState | None, bool] | Aborted | None:
+        """Whether the run ends with the finished round, and its global state if asked for or if it ends;
+        ``None`` while the round is not finished."""
         with self.cond:
             if (stop := self._touch(rank)) is not None:
                 return stop
             state = self.rounds.get(round_idx)
             if state is None or state.outcome is None:
                 return None
+            if not (state_needed or state.outcome.final):
+                return None, False
             self.rpc_bytes["down"] += state_nbytes(state.outcome.global_state)
             return state.outcome.global_state, state.outcome.final
 
@@ -274,8 +286,14 @@ def _remote_submit(rank: int, update: ClientUpdate, wire: WireState) -> bool | A
     return _endpoint().submit(rank, update, wire)
 
 
-def _remote_fetch_outcome(rank: int, round_idx: int) -> tuple[TrainableState, bool] | Aborted | None:
-    return _endpoint().fetch_outcome(rank, round_idx)
+def _remote_fetch_outcome(
+    rank: int, round_idx: int, state_needed: bool = True
+) -> tuple[TrainableState | None, bool] | Aborted | None:
+    return _endpoint().fetch_outcome(rank, round_idx, state_needed)
+
+
+def _remote_join(rank: int) -> tuple[int, TrainableState]:
+    return _endpoint().join(rank)
 
 
 def _remote_heartbeat(rank: int) -> Aborted | None:
@@ -403,7 +421,7 @@ class RPCLauncher(RoundChannel):
             )
 
     # -- connection ----------------------------------------------------------------------------------
-    def start(self, server: FederatedServer | None, reference: TrainableState) -> None:
+    def start(self, server: FederatedServer | None, reference: TrainableState, first_round: int = 0) -> int:
         global _ENDPOINT
         self._reference = reference
         if self.rank == 0:
@@ -420,6 +438,7 @@ class RPCLauncher(RoundChannel):
                 self.liveness_timeout_s,
             )
             self.endpoint.on_abort = self._alarm.ring
+            self.endpoint.first_round = first_round
             _ENDPOINT = self.endpoint
         if not self._started:
             # TCP ("uv") only: TensorPipe's shared-memory transport, its default between processes on one
@@ -439,9 +458,21 @@ class RPCLauncher(RoundChannel):
             )
             self._started = True
         self._alarm.arm()
-        if self.rank != 0:
-            self._beat = threading.Thread(target=self._heartbeat_loop, name="fedpeft-heartbeat", daemon=True)
-            self._beat.start()
+        if self.rank == 0:
+            return first_round
+        # init_rpc is a barrier over every rank, and rank 0 set its endpoint before it: ask it where the run
+        # is. A client rank restarted after a crash has no checkpoint of its own (only the server keeps one).
+        server_round, reference = self._call(_remote_join)
+        self.rpc_seconds = 0.0  # counted per round's transfers
+        if reference:
+            self._reference = reference
+        if server_round != first_round:
+            log.warning(
+                "rank %d joins the run at round %d, where the server's checkpoint left it", self.rank, server_round
+            )
+        self._beat = threading.Thread(target=self._heartbeat_loop, name="fedpeft-heartbeat", daemon=True)
+        self._beat.start()
+        return server_round
 
     def _server_gone(self, err: BaseException) -> str:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -485,10 +516,10 @@ class RPCLauncher(RoundChannel):
             self.rpc_seconds += time.perf_counter() - start
         return result
 
-    def _poll(self, fn, round_idx: int, what: str):  # noqa: ANN001, ANN202
+    def _poll(self, fn, round_idx: int, what: str, *args):  # noqa: ANN001, ANN002, ANN202
         start = time.monotonic()
         while True:
-            result = self._call(fn, round_idx)
+            result = self._call(fn, round_idx, *args)
             if result is not None:
                 return result
             if time.monotonic() - start > self.wait_timeout_s:
@@ -533,12 +564,12 @@ class RPCLauncher(RoundChannel):
         assert self.endpoint is not None
         return self.endpoint.close_when_ready(round_idx)
 
-    def finish_round(self, round_idx: int) -> RoundOutcome:
+    def finish_round(self, round_idx: int, state_needed: bool = True) -> RoundOutcome:
         if self.rank == 0:
             assert self.endpoint is not None
             return self.endpoint.publish(round_idx)
-        state, final = self._poll(_remote_fetch_outcome, round_idx, "close")
-        return RoundOutcome(round_idx, state, final)
+        state, final = self._poll(_remote_fetch_outcome, round_idx, "close", state_needed)
+        return RoundOutcome(round_idx, state or {}, final)
 
     def abort(self, reason: str) -> None:
         self.stopped_by = self.stopped_by or reason
