@@ -19,10 +19,37 @@ def trainable_state(module: nn.Module) -> TrainableState:
     return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
+def to_host(state: Mapping[str, torch.Tensor]) -> TrainableState:
+    """``state`` as it leaves a process: on the CPU, and half-precision floats (bf16-true, fp16 models)
+    widened to float32, so the server aggregates, and the wire carries, the same tensors whatever device or
+    precision a client trains in. CPU tensors of float32 and wider are returned as they are (no copy)."""
+    out: TrainableState = {}
+    for name, tensor in state.items():
+        dtype = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
+        out[name] = tensor.to(device="cpu", dtype=dtype)
+    return out
+
+
+def require_host(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise ``ValueError`` if a tensor of ``tensors`` is not on the CPU: the transport carries CPU tensors only."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.device.type != "cpu":
+            raise ValueError(
+                f"{what} {name!r} is on {tensor.device}; only CPU tensors travel between client and server "
+                f"(move it with lightning_fedpeft.state.to_host before it is sent)"
+            )
+
+
+def host_trainable_state(module: nn.Module) -> TrainableState:
+    """The trainable state of ``module`` as it leaves the process (:func:`to_host` of a detached copy)."""
+    return to_host(trainable_state(module))
+
+
 def load_trainable_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` into the matching trainable parameters of ``module`` in place.
 
-    In-place copies keep the parameter objects (and so any optimizer or hook that refers to them) valid.
+    In-place copies keep the parameter objects (and so any optimizer or hook that refers to them) valid,
+    and move each tensor to its parameter's device and dtype (a CPU state into a model on a GPU).
     Raises ``KeyError`` naming the first missing or unexpected tensor, and ``ValueError`` on a shape
     mismatch, before anything is written.
     """

@@ -31,12 +31,13 @@ from lightning_fedpeft.callbacks.client_data import ClientData
 from lightning_fedpeft.callbacks.round_log import RoundLog
 from lightning_fedpeft.checkpoint import AtomicCheckpointIO
 from lightning_fedpeft.cost import CostModel
+from lightning_fedpeft.devices import check_precision
 from lightning_fedpeft.errors import SetupError
 from lightning_fedpeft.launchers import FederationAborted, RoundChannel, make_launcher
 from lightning_fedpeft.protocol import TrainableState
 from lightning_fedpeft.rounds import LocalRound, check_local_work, client_seed
 from lightning_fedpeft.server import FederatedServer
-from lightning_fedpeft.state import load_trainable_state, trainable_state
+from lightning_fedpeft.state import host_trainable_state, load_trainable_state, to_host
 from lightning_fedpeft.strategy import Strategy
 
 
@@ -146,6 +147,13 @@ class RoundSync(Callback):
             raise ValueError("RoundSync needs every batch of a round: leave trainer.limit_train_batches at 1.0")
         if not pl_module.automatic_optimization:
             raise ValueError("RoundSync supports automatic optimization only (it re-creates the optimizer per client)")
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"RoundSync federates one device per process, and trainer.devices={trainer.num_devices} starts "
+                f"Lightning's DDP: set trainer.devices=1, and start several processes with torchrun (each rank a "
+                f"client process, on its own LOCAL_RANK GPU)"
+            )
+        check_precision(str(trainer.precision), trainer.strategy.root_device)
         channel = self.launcher
         self._data = data = ClientData.take_over(trainer, pl_module, self.num_clients, channel, self.seed, RoundSync)
         run = FederatedRun(
@@ -194,7 +202,7 @@ class RoundSync(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After any checkpoint restore, so a resumed run continues from the saved global model.
         assert self.strategy is not None and self._data is not None
-        initial = trainable_state(pl_module)
+        initial = host_trainable_state(pl_module)  # the server's state lives on the CPU, whatever the device
         if self._reference is None:  # not resumed: int8 downloads are differences from this state
             self._reference = initial
         server = None
@@ -259,7 +267,8 @@ class RoundSync(Callback):
         results = [algorithm.on_client_end(local.client, pl_module) for algorithm in self.algorithms]
         for result in results:
             self.round_log.note_client_metrics(result.metrics)
-        update = local.finish_client(trainable_state(pl_module), results, simulated=self.cost_model is not None)
+            result.tensors = to_host(result.tensors)  # computed where the model is (a GPU); sent from the CPU
+        update = local.finish_client(host_trainable_state(pl_module), results, simulated=self.cost_model is not None)
         self.launcher.submit(update)
 
     def _close_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_fedpeft.protocol import TrainableState
+from lightning_fedpeft.state import require_host
 
 COMPRESSIONS: tuple[str, ...] = ("none", "int8")
 
@@ -50,6 +51,7 @@ class Codec:
         self, state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None = None
     ) -> WireState:
         """``state`` as it goes on the wire."""
+        require_host(state, "tensor")
         out: dict[str, WireTensor] = {}
         nbytes = 0
         for name, tensor in state.items():

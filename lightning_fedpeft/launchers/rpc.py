@@ -45,7 +45,7 @@ from lightning_fedpeft.launchers.base import MODES, FederationAborted, RoundChan
 from lightning_fedpeft.launchers.codec import Codec, WireState
 from lightning_fedpeft.protocol import ClientUpdate, RoundOutcome, RoundRecord, RoundTicket, TrainableState
 from lightning_fedpeft.server import FederatedServer
-from lightning_fedpeft.state import state_nbytes
+from lightning_fedpeft.state import require_host, state_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -546,6 +546,7 @@ class RPCLauncher(RoundChannel):
         return replace(ticket, global_state=self._received)
 
     def submit(self, update: ClientUpdate) -> bool:
+        require_host(update.tensors, "tensor beside the state")  # TensorPipe here is set up for CPU tensors only
         wire = self.codec.encode(update.state, self._received)
         bare = replace(update, state={})  # the state travels encoded, beside it
         if self.rank == 0:
