@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_fedpeft.callbacks import FederatedProgressBar, RoundSync
 from lightning_fedpeft.data import FederatedTextDataModule
+from lightning_fedpeft.devices import rank_devices
 from lightning_fedpeft.errors import SetupError
 from lightning_fedpeft.launchers import FederationAborted
 from lightning_fedpeft.module import FedPEFTModule
@@ -52,6 +53,13 @@ class FedPEFTCLI(LightningCLI):
             callbacks = [cb for cb in callbacks if not isinstance(cb, FederatedProgressBar)]
         if config.get("enable_checkpointing") is False:  # likewise no checkpoints, ours included
             callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+        try:  # under torchrun: one device per rank (its LOCAL_RANK GPU), never Lightning's DDP over all
+            config = {
+                **config,
+                "devices": rank_devices(config.get("devices", "auto"), config.get("accelerator", "auto")),
+            }
+        except ValueError as err:
+            _exit_with(err, 2)
         trainer = super()._instantiate_trainer(config, callbacks)
         _resumable(trainer)
         return trainer
@@ -173,6 +181,12 @@ def _print_summary(trainer: Any, sync: RoundSync | None, test: dict[str, float])
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``fedpeft`` console script and ``python -m lightning_fedpeft``."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["report"]:  # not a Trainer subcommand: pictures and a table from runs' logs
+        from lightning_fedpeft.report import main as report
+
+        report(argv[1:])
+        return
     run_cli(args)
 
 
@@ -189,12 +203,26 @@ def _quiet_third_party_noise() -> None:
         handler.addFilter(_NoTips())
 
 
+def _plain_progress() -> None:
+    # A Rich bar prints nothing into a file (SLURM, nohup, torchrun's logs, CI) and the round table only comes
+    # at the end: there, one plain line per round instead. In a terminal the bar shows progress.
+    progress = logging.getLogger("lightning_fedpeft.progress")
+    if sys.stderr.isatty() or progress.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s fedpeft: %(message)s", "%H:%M:%S"))
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+
+
 def run_cli(args: list[str] | None = None, run: bool = True) -> FedPEFTCLI:
     """Build and run the CLI; returns it (with its trainer, model and data module) for programmatic use.
 
     ``run=False``: parse ``args`` (no subcommand) and build the classes only, as ``fit`` would.
     """
     _quiet_third_party_noise()
+    _plain_progress()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models and data are local
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return FedPEFTCLI(

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+from lightning_fedpeft import RoundSync
 
 
 def _config(tmp_path: Path, cache_dir: str, **data: object) -> Path:
@@ -56,6 +59,33 @@ def test_cli_fit_runs_rounds_and_prints_test_accuracy(tmp_path: Path, cache_dir:
         rows = list(csv.DictReader(fh))
     assert [int(r["round"]) for r in rows] == [0, 1]
     assert all(int(r["bytes_up"]) > 0 for r in rows)
+    # Not a terminal: one plain line per round, with the time left until the last one.
+    lines = [line for line in proc.stderr.splitlines() if "fedpeft: round " in line]
+    assert len(lines) == 2 and "round 1/2 | clients 3 | loss " in lines[0] and "ETA " in lines[0], proc.stderr
+    assert "round 2/2" in lines[1] and "val_acc " in lines[1] and "ETA" not in lines[1]
+
+    # The report of that run: valid pictures with one series (the run), and a summary row that matches it.
+    report = _fedpeft("report", str(tmp_path / "runs"), "--out", str(tmp_path / "report"), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-2000:]
+    from lightning_fedpeft.report import build_report
+
+    drawn = build_report([tmp_path / "runs"], tmp_path / "report")
+    run_name = str(rounds_csv.parent.relative_to(tmp_path))
+    assert drawn["accuracy.png"] == {"val_acc~round": [run_name], "val_acc~mb_total": [run_name]}
+    assert drawn["loss.png"] == {"train_loss~round": [run_name]}
+    _assert_png(tmp_path / "report" / "accuracy.png")
+    _assert_png(tmp_path / "report" / "loss.png")
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    final = f"{float(rows[-1]['val_acc']):.4f}"
+    assert f"| {run_name} | 2 |" in summary and final in summary and final in report.stdout
+
+
+def _assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert height > 100 and width > 100
 
 
 def test_cli_bad_setting_exits_with_a_message_naming_it(tmp_path: Path, cache_dir: str) -> None:
@@ -112,6 +142,15 @@ def test_fedadapter_config_runs_trial_windows_through_the_cli(tmp_path: Path, ca
     with open(decisions_csv) as fh:
         (decision,) = list(csv.DictReader(fh))
     assert decision["winner"] in ("shallow", "deeper")
+
+    # Its report: accuracy against simulated hours too, and the trial configuration over rounds.
+    from lightning_fedpeft.report import build_report
+
+    drawn = build_report([tmp_path / "runs"], tmp_path / "report")
+    (name,) = drawn["loss.png"]["train_loss~round"]
+    assert drawn["accuracy.png"]["val_acc~sim_time_h"] == [name]
+    assert drawn["fedadapter.png"] == {"trial_depth~round": [name], "trial_width~round": [name]}
+    _assert_png(tmp_path / "report" / "fedadapter.png")
 
 
 def _printed_config(config: Path, tmp_path: Path) -> dict:
@@ -180,3 +219,36 @@ def test_every_launch_recipe_is_valid_bash() -> None:
     for recipe in recipes:
         proc = subprocess.run(["bash", "-n", str(recipe)], capture_output=True, text=True)
         assert proc.returncode == 0, (recipe.name, proc.stderr)
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_aggregator_server_optimizer_and_attack_are_chosen_in_yaml(tmp_path: Path, cache_dir: str) -> None:
+    from lightning_fedpeft.aggregation import FedAdam, TrimmedMean
+    from lightning_fedpeft.attacks import ScaledUpdateAttack
+    from lightning_fedpeft.cli import run_cli
+
+    config = {
+        "trainer": {
+            "max_epochs": 1,
+            "logger": False,
+            "enable_progress_bar": False,
+            "callbacks": [
+                {"class_path": "lightning_fedpeft.attacks.ScaledUpdateAttack", "init_args": {"clients": [1]}}
+            ],
+        },
+        "model": {"num_hidden_layers": 1, "depth": 1, "width": 4},
+        "data": {"corpus": "stackoverflow", "num_clients": 6, "max_train_examples": 60, "cache_dir": cache_dir},
+        "federation": {
+            "clients_per_round": 5,
+            "aggregator": {"class_path": "lightning_fedpeft.aggregation.TrimmedMean", "init_args": {"trim": 2}},
+            "server_optimizer": {"class_path": "lightning_fedpeft.aggregation.FedAdam", "init_args": {"lr": 0.05}},
+        },
+    }
+    path = tmp_path / "robust.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = run_cli(["--config", str(path)], run=False)
+    sync = RoundSync.find(cli.trainer)
+    assert isinstance(sync.aggregator, TrimmedMean) and sync.aggregator.trim == 2
+    assert isinstance(sync.server_optimizer, FedAdam) and sync.server_optimizer.lr == 0.05
+    (attack,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ScaledUpdateAttack)]
+    assert attack.clients == {1} and attack.factor == -10.0

@@ -7,11 +7,17 @@ what the strategy and the transport log, who was missing or rejected, the round'
 validation metrics of the global model. Client processes keep a short row of their own clients. CSVs are
 written only beside a logger's files (with ``logger=False`` Lightning's ``log_dir`` is the working
 directory, which must not fill up with tables).
+
+Each row the server adds is also one plain line on the ``lightning_fedpeft.progress`` logger (INFO):
+round, clients, loss, validation metrics, megabytes, seconds and the time left, for log files where a
+progress bar prints nothing (SLURM, nohup, torchrun's logs, CI). The CLI shows it when its output is not
+a terminal; route it like any Python logger.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ import lightning.pytorch as pl
 from lightning_fedpeft.protocol import RoundRecord
 
 VALIDATION_METRICS = ("val_acc", "val_f1", "val_loss", "val_ppl", "val_exact_match")
+PROGRESS = logging.getLogger("lightning_fedpeft.progress")
 
 
 def write_log_table(trainer: pl.Trainer, filename: str, rows: Sequence[Mapping[str, Any]]) -> Path | None:
@@ -106,6 +113,8 @@ class RoundLog:
             write_log_table(trainer, "rounds.csv", self.rows)
             for name, table in tables.items():
                 write_log_table(trainer, f"{name}.csv", table)
+            if PROGRESS.isEnabledFor(logging.INFO):
+                PROGRESS.info(progress_line(self.rows, trainer.max_epochs))
 
     @staticmethod
     def log_to(pl_module: pl.LightningModule, row: Mapping[str, Any]) -> None:
@@ -118,6 +127,37 @@ class RoundLog:
 
     def note_client_metrics(self, keys: Iterable[str]) -> None:
         self.client_metric_keys.update(keys)
+
+
+def progress_line(rows: Sequence[Mapping[str, Any]], max_rounds: int | None) -> str:
+    """The last row as one line: ``round 3/12 | clients 10 | loss 2.134 | val_acc 0.512 | ... | ETA 1m52s``.
+
+    The time left is the mean round time so far times the rounds left until ``max_rounds`` (a run that
+    ends on a simulated-time budget may end sooner).
+    """
+    row = rows[-1]
+    done = int(row["round"]) + 1
+    parts = [f"round {done}/{max_rounds}" if max_rounds and max_rounds > 0 else f"round {done}"]
+    parts.append(f"clients {row['clients']}" + (f" ({row['missing']} missing)" if row.get("missing") else ""))
+    parts.append(f"loss {float(row['train_loss']):.4f}")
+    parts += [f"{key} {float(row[key]):.4f}" for key in VALIDATION_METRICS if key in row]
+    parts.append(f"MB {row['bytes_up'] / 1e6:.2f} up {row['bytes_down'] / 1e6:.2f} down")
+    if "sim_time_h" in row:
+        parts.append(f"sim {float(row['sim_time_h']):.3f} h")
+    if "dp_epsilon" in row:
+        parts.append(f"epsilon {float(row['dp_epsilon']):.3g}")
+    seconds = [float(r["round_time_s"]) for r in rows if "round_time_s" in r]
+    if seconds:
+        parts.append(f"{seconds[-1]:.1f} s")
+        if max_rounds and max_rounds > done:
+            parts.append(f"ETA {_duration(sum(seconds) / len(seconds) * (max_rounds - done))}")
+    return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _mean(values: Sequence[float]) -> float:
