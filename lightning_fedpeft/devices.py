@@ -64,5 +64,3 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ValueError(
             f"trainer.precision={precision!r}: {name} has no bfloat16; use '16-mixed' (float16 autocast) or '32-true'"
         )
-    if precision.startswith("64") and device.type == "mps":
-        raise ValueError(f"trainer.precision={precision!r}: Apple's MPS has no float64; use '32-true'")

@@ -1,7 +1,7 @@
 """``fedpeft report RUN_DIR [RUN_DIR ...]``: pictures and a summary table from runs' logs.
 
-Reads every ``rounds.csv`` under the given folders (each one is a run, named by its folder), and the
-``decisions.csv`` beside it if FedAdapter wrote one, and writes into ``--out``:
+Reads every ``rounds.csv`` under the given folders (each one is a run, named by its folder) and writes
+into ``--out``:
 
 * ``accuracy.png``: the validation metric against round, against simulated hours (runs with a cost
   model) and against megabytes exchanged (up + down, all clients, summed over rounds);
@@ -23,7 +23,7 @@ import argparse
 import csv
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # The validation metric a run is judged by, in order of preference (a classifier's, then a decoder's).
@@ -33,11 +33,10 @@ LOWER_IS_BETTER = {"val_ppl"}
 
 @dataclass
 class Run:
-    """One run's tables, as read from its folder."""
+    """One run's rounds, as read from its ``rounds.csv`` (numbers only)."""
 
     name: str
     rows: list[dict[str, float]]
-    decisions: list[dict[str, str]] = field(default_factory=list)
 
     def series(self, column: str, x: str = "round") -> tuple[list[float], list[float]]:
         """The (x, y) points of ``column`` in the rows that have it (validation runs every few rounds)."""
@@ -69,19 +68,13 @@ def find_runs(folders: Sequence[str | Path]) -> list[Run]:
         for path in paths:
             with open(path, newline="") as fh:  # numbers only: empty cells (no validation that round) drop out
                 rows = [{k: x for k, v in row.items() if (x := _number(v)) is not None} for row in csv.DictReader(fh)]
-            for row in rows:
-                row["mb_exchanged"] = row.get("bytes_up", 0.0) / 1e6 + row.get("bytes_down", 0.0) / 1e6
             total = 0.0
             for row in rows:  # cumulative MB: what the run has exchanged by the end of each round
-                total += row["mb_exchanged"]
+                total += (row.get("bytes_up", 0.0) + row.get("bytes_down", 0.0)) / 1e6
                 row["mb_total"] = total
-            decisions: list[dict[str, str]] = []
-            if (path.parent / "decisions.csv").exists():
-                with open(path.parent / "decisions.csv", newline="") as fh:
-                    decisions = list(csv.DictReader(fh))
             # Named by its folder below the parent of the one given: runs/quickstart -> quickstart/version_0
             base = folder.resolve().parent if folder.is_dir() else path.resolve().parent.parent
-            runs.append(Run(str(path.resolve().parent.relative_to(base)), rows, decisions))
+            runs.append(Run(str(path.resolve().parent.relative_to(base)), rows))
     if not runs:
         raise ValueError(f"report: no rounds.csv under {', '.join(map(str, folders))}; is it a run's save_dir?")
     return runs

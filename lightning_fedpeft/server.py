@@ -59,6 +59,7 @@ class FederatedServer:
         self.record: RoundRecord | None = None
         self._updates: list[ClientUpdate] = []
         self._sim_seconds: dict[int, float] = {}
+        self._state_norm = 0.0  # the open round's global state's L2 norm (the change limit's scale)
 
     @staticmethod
     def check_budget(max_sim_hours: float | None, cost_model: CostModel | None) -> None:
@@ -95,6 +96,8 @@ class FederatedServer:
         self.record.wire_bytes_down = len(self.plan.client_ids) * self._wire_down
         self._updates = []
         self._sim_seconds = {}
+        # The state every update of the round is measured against does not change until the round closes.
+        self._state_norm = math.sqrt(sum(float(t.to(torch.float64).pow(2).sum()) for t in self.global_state.values()))
         return self.plan
 
     def outstanding(self) -> list[int]:
@@ -159,7 +162,7 @@ class FederatedServer:
             change += float((tensor.to(torch.float64) - ref.to(torch.float64)).pow(2).sum())
         # A finite change can still be absurd (1e30): no honest local round moves the state by more than
         # MAX_CHANGE times its own size (a robust aggregator is the defence against subtler poisoning).
-        scale = math.sqrt(sum(float(t.to(torch.float64).pow(2).sum()) for t in self.global_state.values()))
+        scale = self._state_norm
         if not math.sqrt(change) <= MAX_CHANGE * max(1.0, scale):
             return f"the update moves the state by {math.sqrt(change):.3g}, over {MAX_CHANGE:g} x its norm {scale:.3g}"
         side = 0
@@ -169,8 +172,9 @@ class FederatedServer:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 return f"tensor {name} has non-finite values"
             side += tensor.numel() * tensor.element_size()
-        if side > max(state_nbytes(self.global_state), 2**20):  # what travels beside a state is smaller than it
-            return f"the tensors beside the state take {side} bytes, more than the state itself; refused as oversized"
+        limit = max(state_nbytes(self.global_state), 2**20)  # what travels beside a state is smaller than it
+        if side > limit:
+            return f"the tensors beside the state take {side} bytes, over the {limit}-byte limit; refused as oversized"
         return self.strategy.check_update(update)
 
     def close_round(self) -> RoundRecord:

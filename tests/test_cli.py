@@ -69,7 +69,7 @@ def test_cli_fit_runs_rounds_and_prints_test_accuracy(tmp_path: Path, cache_dir:
     assert report.returncode == 0, report.stderr[-2000:]
     from lightning_fedpeft.report import build_report
 
-    drawn = build_report([tmp_path / "runs"], tmp_path / "report")
+    drawn = build_report([tmp_path / "runs"], tmp_path / "series")  # what each picture plots (its own folder)
     run_name = str(rounds_csv.parent.relative_to(tmp_path))
     assert drawn["accuracy.png"] == {"val_acc~round": [run_name], "val_acc~mb_total": [run_name]}
     assert drawn["loss.png"] == {"train_loss~round": [run_name]}

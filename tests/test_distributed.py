@@ -72,9 +72,9 @@ def _save(path: Path) -> dict:
     return {"class_path": "dist_helpers.SaveGlobalState", "init_args": {"path": str(path)}}
 
 
-def _torchrun(config: Path, nproc: int = 3) -> subprocess.CompletedProcess:
+def _torchrun(config: Path, nproc: int = 3, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd += ["-m", "lightning_fedpeft", "fit", "--config", str(config)]
+    cmd += ["-m", "lightning_fedpeft", "fit", "--config", str(config), *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
 
 

@@ -18,6 +18,7 @@ import torch
 import yaml
 from golden_runs import RUNS, golden_config
 from test_distributed import _env
+from test_distributed import _torchrun as _torchrun_file
 
 MEASURED = {"train_time_s", "round_time_s", "step_time_ms", "peak_rss_mb", "saved_activation_mb", "rpc_s"}
 
@@ -108,9 +109,7 @@ def _three_rank_config(name: str, out: Path, cache_dir: str, kill_round: int | N
 
 def _torchrun(config: dict, path: Path, *args: str) -> subprocess.CompletedProcess:
     path.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
-    cmd += ["-m", "lightning_fedpeft", "fit", "--config", str(path), *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    return _torchrun_file(path, 3, *args)
 
 
 @pytest.mark.timeout(900)

@@ -120,7 +120,6 @@ class RoundSync(Callback):
         self._round: LocalRound | None = None  # the round open on this process
         self._row: dict[str, Any] | None = None  # the round just closed, completed at the epoch's end
         self._validate_now = False
-        self._next_round = 0  # rounds completed: where a run resumed from this process's checkpoint goes on
         self._reference: TrainableState | None = None  # the run's starting state, the codec's reference
 
     @staticmethod
@@ -209,7 +208,9 @@ class RoundSync(Callback):
         if self.launcher.is_server:
             server = FederatedServer(self.strategy, self._data.num_clients, self.cost_model, self.max_sim_hours)
             server.initialize(initial)
-        first_round = self.launcher.start(server, self._reference, self._next_round)
+        # The history holds one row per finished round: a resumed run goes on after its last.
+        next_round = int(self.history[-1]["round"]) + 1 if self.history else 0
+        first_round = self.launcher.start(server, self._reference, next_round)
         if not self.launcher.is_server and first_round != trainer.current_epoch:
             _continue_at(trainer, first_round)
         self._answer_queries(trainer, pl_module)
@@ -310,7 +311,6 @@ class RoundSync(Callback):
         if self._row is None or local is None:
             return
         row, self._row, self._round = self._row, None, None
-        self._next_round = local.ticket.round + 1
         row["round_time_s"] = time.perf_counter() - local.opened_at  # includes the evaluation, if any
         trainer.check_val_every_n_epoch = self.eval_every
         assert self.strategy is not None
@@ -349,7 +349,7 @@ class RoundSync(Callback):
         checkpoint["optimizer_states"] = []
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"history": list(self.history), "next_round": self._next_round}
+        state: dict[str, Any] = {"history": list(self.history)}
         if self.strategy is not None:
             state["strategy"] = self.strategy.state_dict()
         if self.launcher.codec.compression != "none" and self._reference is not None:
@@ -359,7 +359,6 @@ class RoundSync(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callback state after setup, so the strategy to restore into exists.
         self.round_log.rows[:] = list(state_dict.get("history", []))
-        self._next_round = int(state_dict.get("next_round", len(self.round_log.rows)))
         self._reference = state_dict.get("reference")
         if self.strategy is not None and "strategy" in state_dict:
             self.strategy.load_state_dict(state_dict["strategy"])
