@@ -3,8 +3,9 @@ parameter-efficient method."""
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -12,7 +13,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.text import Perplexity
 
-from lightning_fedpeft.cache import ActivationCache
+from lightning_fedpeft.cache import CACHE_DTYPES, ActivationCache, cache_unsupported
 from lightning_fedpeft.errors import SetupError
 from lightning_fedpeft.models import (
     PEFT_METHODS,
@@ -29,6 +30,8 @@ from lightning_fedpeft.state import load_trainable_state
 from lightning_fedpeft.tuners.adapter import AdapterInjection
 from lightning_fedpeft.tuners.adapter.model import adapter_config_of_state
 from lightning_fedpeft.tuners.svd import adopt_state_ranks
+
+log = logging.getLogger(__name__)
 
 
 class FedPEFTModule(pl.LightningModule):
@@ -59,8 +62,15 @@ class FedPEFTModule(pl.LightningModule):
         optimizer: ``adamw`` or ``sgd``.
         lr: learning rate of the local optimizer.
         weight_decay: weight decay of the local optimizer.
-        activation_cache_mb: if set, cache the frozen bottom's output per example (at most this many MiB)
-            so training runs only the layers above it (see :mod:`lightning_fedpeft.cache`). Encoders only.
+        activation_cache_mb: cache the frozen bottom's output per example, at most this many MiB, so
+            training runs only the layers above it (see :mod:`lightning_fedpeft.cache`). ``"auto"`` (the
+            default): on, with 1024 MiB, for an encoder classifier, where it pays whenever the trained
+            layers leave a frozen bottom (adapters or layer freezing in the top ``depth`` layers, FedAdapter);
+            off for decoders (``causal_lm``), for ``method='full'`` and for encoders without the
+            ``embeddings``/``encoder`` layout the cache needs. A number: on with that bound (an error
+            where it cannot serve). ``null``: off, and the frozen bottom trains with dropout as usual.
+        activation_cache_dtype: storage dtype of the cached hidden states: ``float16`` (default; half
+            the memory, the same accuracy in ``bench/vs_flower.py``), ``bfloat16`` or ``float32``.
         max_new_tokens: causal_lm: greedy tokens generated per validation/test example to score exact
             match against its answer (0: no generation; loss and perplexity only).
         gradient_checkpointing: recompute activations in backward (Hugging Face's, non-reentrant): less
@@ -87,7 +97,8 @@ class FedPEFTModule(pl.LightningModule):
         optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        activation_cache_mb: float | None = None,
+        activation_cache_mb: float | Literal["auto"] | None = "auto",
+        activation_cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16",
         max_new_tokens: int = 16,
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -100,7 +111,17 @@ class FedPEFTModule(pl.LightningModule):
             raise ValueError(f"model.num_labels={num_labels} must be at least 2")
         if max_new_tokens < 0:
             raise ValueError(f"model.max_new_tokens={max_new_tokens} must be >= 0 (0: no generation)")
-        if task == "causal_lm" and activation_cache_mb is not None:
+        if isinstance(activation_cache_mb, str) and activation_cache_mb != "auto":
+            raise ValueError(
+                f"model.activation_cache_mb={activation_cache_mb!r}: give a size in MiB, 'auto' or null (off)"
+            )
+        if not isinstance(activation_cache_mb, str | None) and not activation_cache_mb > 0:
+            raise ValueError(f"model.activation_cache_mb={activation_cache_mb} must be positive (null turns it off)")
+        if activation_cache_dtype not in CACHE_DTYPES:
+            raise ValueError(
+                f"model.activation_cache_dtype={activation_cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}"
+            )
+        if task == "causal_lm" and activation_cache_mb not in (None, "auto"):
             raise ValueError(
                 "model.activation_cache_mb caches an encoder's frozen bottom; leave it unset for model.task='causal_lm'"
             )
@@ -135,7 +156,7 @@ class FedPEFTModule(pl.LightningModule):
             raise ValueError(f"model: {err}") from err
         if gradient_checkpointing:
             _enable_gradient_checkpointing(self.model)
-        self.activation_cache = ActivationCache(activation_cache_mb) if activation_cache_mb is not None else None
+        self.activation_cache = _activation_cache(self.model, task, method, activation_cache_mb, activation_cache_dtype)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds
         if task == "causal_lm":
             metrics = MetricCollection({"ppl": Perplexity(ignore_index=-100), "exact_match": MeanMetric()})
@@ -288,6 +309,26 @@ _SHAPING_SETTINGS = (
     "num_hidden_layers",
     "pooling",
 )
+
+
+AUTO_CACHE_MB = 1024.0  # "auto"'s bound: about 10,900 examples of 128 tokens at MiniLM's width (384) in float16
+
+
+def _activation_cache(
+    model: torch.nn.Module, task: str, method: str, size_mb: float | str | None, dtype: str
+) -> ActivationCache | None:
+    """The module's activation cache, or ``None`` where it is off (see ``activation_cache_mb``)."""
+    if size_mb is None:
+        return None
+    reason = cache_unsupported(model) if task == "classification" else "a decoder (causal_lm) is not cached"
+    if size_mb == "auto":
+        if reason is not None or method == "full":
+            log.info("activation cache off: %s", reason or "method='full' trains every layer, nothing is frozen")
+            return None
+        return ActivationCache(AUTO_CACHE_MB, dtype)
+    if reason is not None:
+        raise ValueError(f"model.activation_cache_mb: {reason}; set it to null (off)")
+    return ActivationCache(float(size_mb), dtype)
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -100,12 +100,17 @@ class SaveGlobalState(Callback):
         torch.save(trainable_state(pl_module), self.path)
 
 
-def run(name: str, out: Path, cache_dir: str) -> dict[str, Any]:
-    """Run golden config ``name`` in this process with one thread; its final state, rounds and decisions."""
+def run(name: str, out: Path, cache_dir: str, model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run golden config ``name`` in this process with one thread; its final state, rounds and decisions.
+
+    ``model``: settings added to the config's ``model`` (ones the current code has and the old did not).
+    """
     from lightning_fedpeft.cli import run_cli
 
+    config = golden_config(name, out, cache_dir)
+    config["model"] |= model or {}
     path = out / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(golden_config(name, out, cache_dir)))
+    path.write_text(yaml.safe_dump(config))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

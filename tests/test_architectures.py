@@ -66,7 +66,7 @@ def test_adapters_and_the_activation_cache_work_on_mpnet() -> None:
     assert {n.split(".")[3] for n in trainable_state(model) if ".adapter." in n} == {"2"}
     batch = _batch()
     plain = model(**batch).loss
-    cache = ActivationCache(max_mb=1)
+    cache = ActivationCache(max_mb=1, dtype="float32")  # the architecture's path, not float16 rounding
     cache(model, batch)  # fills layers 0..1 for both texts
     cached = cache(model, batch)
     assert cache.hits == 2 and cache.misses == 2

@@ -195,6 +195,16 @@ def test_fedara_config_allocates_ranks_through_the_cli(tmp_path: Path, cache_dir
     assert float(rows[-1]["bytes_down"]) < float(rows[0]["bytes_down"])
     assert all(r["step_time_ms"] and r["saved_activation_mb"] for r in rows)
 
+    # Its report: the rank budget, the active ranks and the live modules over rounds, and client resources.
+    from lightning_fedpeft.report import build_report
+
+    drawn = build_report([tmp_path / "runs"], tmp_path / "report")
+    (name,) = drawn["loss.png"]["train_loss~round"]
+    assert drawn["fedara.png"] == {f"{c}~round": [name] for c in ("budget", "active_ranks", "live_modules")}
+    assert drawn["clients.png"]["step_time_ms~round"] == [name]
+    _assert_png(tmp_path / "report" / "fedara.png")
+    assert "fedadapter.png" not in drawn  # no FedAdapter columns in a FedARA run: no empty picture
+
 
 def test_every_fedara_config_parses(tmp_path: Path) -> None:
     configs = sorted((REPO / "configs" / "fedara").glob("*.yaml"))
@@ -252,3 +262,22 @@ def test_aggregator_server_optimizer_and_attack_are_chosen_in_yaml(tmp_path: Pat
     assert isinstance(sync.server_optimizer, FedAdam) and sync.server_optimizer.lr == 0.05
     (attack,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ScaledUpdateAttack)]
     assert attack.clients == {1} and attack.factor == -10.0
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+@pytest.mark.parametrize(
+    ("flag", "expected_mb"),
+    [(None, 1024.0), ("--model.activation_cache_mb=256", 256.0), ("--model.activation_cache_mb=null", None)],
+)
+def test_the_activation_cache_setting_from_the_command_line(
+    tmp_path: Path, cache_dir: str, flag: str | None, expected_mb: float | None
+) -> None:
+    from lightning_fedpeft.cli import run_cli
+
+    path = _config(tmp_path, cache_dir)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["depth"] = 1  # the top layer of two: a frozen bottom
+    path.write_text(yaml.safe_dump(raw))
+    cli = run_cli(["--config", str(path), *([flag] if flag else [])], run=False)
+    cache = cli.model.activation_cache
+    assert (cache.max_bytes / 2**20 if cache is not None else None) == expected_mb

@@ -91,3 +91,53 @@ def test_load_trainable_state_rejects_wrong_names_and_shapes() -> None:
         load_trainable_state(module, {k: v for k, v in state.items() if k != name})
     with pytest.raises(ValueError, match=name):
         load_trainable_state(module, state | {name: torch.zeros(1)})
+
+
+def _labelled() -> dict[str, torch.Tensor]:
+    return _inputs() | {"labels": torch.arange(3) % 2}
+
+
+def test_the_activation_cache_is_on_by_default_where_adapters_leave_a_frozen_bottom() -> None:
+    # Adapters in the top layer of two: the default ("auto") caches layer 0's output, in float16.
+    module = FedPEFTModule(num_labels=2, num_hidden_layers=2, method="adapter", depth=1, width=4)
+    cache = module.activation_cache
+    assert cache is not None and cache.dtype == torch.float16
+    module.training_step(_labelled(), 0)
+    module.training_step(_labelled(), 1)
+    assert (cache.misses, cache.hits, cache.last["boundary"]) == (3, 3, 1)
+    # Nothing frozen below the trained layers: the cache stands aside (no entries), whatever the setting.
+    everywhere = FedPEFTModule(num_labels=2, num_hidden_layers=2, method="adapter", depth=2, width=4)
+    everywhere.training_step(_labelled(), 0)
+    assert len(everywhere.activation_cache) == 0 and everywhere.activation_cache.last["boundary"] == 0
+    # Off where it cannot pay or cannot serve: full fine-tuning, and when turned off.
+    assert FedPEFTModule(num_labels=2, num_hidden_layers=2, method="full").activation_cache is None
+    off = FedPEFTModule(num_labels=2, num_hidden_layers=2, method="adapter", depth=1, activation_cache_mb=None)
+    assert off.activation_cache is None
+
+
+def test_an_encoder_the_cache_cannot_serve_is_uncached_by_default_and_refused_when_asked(tmp_path) -> None:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=200, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=2)
+    DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
+    # DistilBERT keeps its layers under `transformer`, not `encoder`: "auto" leaves the cache off...
+    lora = {"num_labels": 2, "method": "lora", "target_modules": ["q_lin", "v_lin"], "pooling": "model"}
+    module = FedPEFTModule(str(tmp_path), **lora)
+    assert module.activation_cache is None
+    # ...and an explicit size says why, naming the setting and the fix.
+    with pytest.raises(ValueError, match=r"model\.activation_cache_mb: .*embeddings.*null"):
+        FedPEFTModule(str(tmp_path), **lora, activation_cache_mb=64)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"activation_cache_mb": 0}, r"activation_cache_mb=0 must be positive"),
+        ({"activation_cache_mb": "big"}, r"activation_cache_mb='big': give a size in MiB, 'auto' or null"),
+        ({"activation_cache_dtype": "int8"}, r"activation_cache_dtype='int8' is not one of float32"),
+    ],
+)
+def test_bad_activation_cache_settings_name_the_field(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FedPEFTModule(num_labels=2, num_hidden_layers=2, **settings)

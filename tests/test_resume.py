@@ -103,7 +103,7 @@ def _three_rank_config(name: str, out: Path, cache_dir: str, kill_round: int | N
         config["data"]["num_clients"] = 12  # three trial groups of three distinct clients
         # The simulated clock charges activation-cache fills of the process a client trains on, and a
         # restarted process starts with an empty cache (docs/reliability.md): without it, every cell equal.
-        config["model"].pop("activation_cache_mb")
+        config["model"]["activation_cache_mb"] = None  # off (the default, auto, would turn it on)
     return config
 
 
