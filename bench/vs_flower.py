@@ -24,7 +24,7 @@ Flower round includes its actors' start), the whole run's wall clock, the peak o
 second, and validation accuracy after the last round. Ratios are against the fastest Flower side.
 
     pip install -e '.[bench]'                   # Flower 1.x with its Ray simulation engine
-    python bench/vs_flower.py --out bench/out/vs_flower     # about 25 minutes on 2 CPU cores
+    python bench/vs_flower.py --out bench/out/vs_flower     # real 26m55s on 2 CPU cores
 
 Writes ``table.md`` and ``results.json`` to ``--out``. One run per side, one seed.
 """

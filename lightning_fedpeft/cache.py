@@ -120,6 +120,7 @@ class ActivationCache:
         self.evictions = 0
         self.last: dict[str, int] = {}  # the last batch: boundary, rows, misses (read by the cost model)
         self._layers: int | None = None
+        self._compute_dtype = torch.float32  # the bottom's output dtype, as the last fill saw it
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -161,8 +162,7 @@ class ActivationCache:
         for key in keys:
             self._entries.move_to_end(key)
             rows.append(self._entries[key])
-        compute_dtype = next(encoder_parts(model)[0].embeddings.parameters()).dtype
-        hidden = rows[0].new_zeros((len(rows), input_ids.shape[1], rows[0].shape[-1]), dtype=compute_dtype)
+        hidden = rows[0].new_zeros((len(rows), input_ids.shape[1], rows[0].shape[-1]), dtype=self._compute_dtype)
         for i, row in enumerate(rows):
             hidden[i, : row.shape[0]] = row
         with only_layers(model, boundary, self._num_layers(model), given=hidden):
@@ -183,6 +183,7 @@ class ActivationCache:
                 for i, key in enumerate(keys):
                     n = int(mask[i].sum())
                     row = base(input_ids=ids[i : i + 1, :n], attention_mask=mask[i : i + 1, :n]).last_hidden_state
+                    self._compute_dtype = row.dtype  # what the stored rows are widened back to
                     self._entries[key] = row[0].to(self.dtype, copy=True)
                     self.nbytes += self._nbytes(self._entries[key])
         finally:
