@@ -97,7 +97,7 @@ class FederatedServer:
         self._updates = []
         self._sim_seconds = {}
         # The state every update of the round is measured against does not change until the round closes.
-        self._state_norm = math.sqrt(sum(float(t.to(torch.float64).pow(2).sum()) for t in self.global_state.values()))
+        self._state_norm = math.sqrt(sum(_norm(t) ** 2 for t in self.global_state.values()))
         return self.plan
 
     def outstanding(self) -> list[int]:
@@ -157,9 +157,16 @@ class FederatedServer:
                 return f"{name} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}"
             if tensor.dtype != ref.dtype:
                 return f"{name} has dtype {tensor.dtype}, expected {ref.dtype}"
-            if not torch.isfinite(tensor).all():
-                return f"{name} has non-finite values"
-            change += float((tensor.to(torch.float64) - ref.to(torch.float64)).pow(2).sum())
+            # One pass per tensor: the difference's norm, accumulated in float64. A NaN or inf in the update
+            # makes it non-finite (the global state is finite); only then is the tensor itself looked at, so
+            # the reason names what is wrong. (Casting both sides to float64 first cost 10x as much: 0.25 s
+            # against 0.02 s for a 62 MB state on one thread, under the endpoint's lock.)
+            norm = _diff_norm(tensor, ref)
+            if not math.isfinite(norm):
+                if not torch.isfinite(tensor).all():
+                    return f"{name} has non-finite values"
+                norm = math.inf  # finite values whose difference overflows: refused by the bound below
+            change += norm * norm
         # A finite change can still be absurd (1e30): no honest local round moves the state by more than
         # MAX_CHANGE times its own size (a robust aggregator is the defence against subtler poisoning).
         scale = self._state_norm
@@ -231,3 +238,19 @@ class FederatedServer:
         elif record.final:
             log.warning("round %d: the run ends: %s", record.round, reason)
         return RoundOutcome(record.round, self.global_state, record.final, record)
+
+
+def _norm(tensor: torch.Tensor) -> float:
+    """L2 norm of ``tensor``, accumulated in float64 without a float64 copy of a floating tensor."""
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.float64)
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+
+
+def _diff_norm(tensor: torch.Tensor, ref: torch.Tensor) -> float:
+    """L2 norm of ``tensor - ref``, the difference taken in their dtype and summed in float64."""
+    if not tensor.is_floating_point():
+        return _norm(tensor.to(torch.float64) - ref.to(torch.float64))
+    if tensor.dtype == torch.float16:  # its range ends at 65504: two finite weights could differ by more
+        return _norm(tensor.float() - ref.float())
+    return _norm(tensor - ref)

@@ -69,3 +69,37 @@ def test_server_drops_late_updates() -> None:
     assert not server.submit(ClientUpdate(b, 0, 1, {"w": torch.full((2, 2), 9.0)}))
     assert torch.equal(server.global_state["w"], torch.ones(2, 2))
     assert server.record.missing == [b]
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        (torch.tensor([[math.inf, 0.0], [0.0, 0.0]]), "non-finite"),
+        (torch.tensor([[0.0, -math.inf], [0.0, 0.0]]), "non-finite"),
+        # finite, but 3e38 - (-3e38) overflows float32: refused by the change bound, not called non-finite
+        (torch.full((2, 2), 3e38), "moves the state by inf"),
+    ],
+)
+def test_server_names_why_an_extreme_update_is_refused(values: torch.Tensor, reason: str) -> None:
+    server = FederatedServer(FedAvg(1, seed=0), num_clients=2)
+    server.initialize({"w": torch.full((2, 2), -3e38), "steps": torch.zeros(1, dtype=torch.long)})
+    (client,) = server.open_round(0).client_ids
+    update = {"w": values, "steps": torch.ones(1, dtype=torch.long)}
+    assert not server.submit(ClientUpdate(client, 0, 1, update))
+    assert reason in server.record.rejected[client]
+
+
+def test_server_accepts_an_integer_tensor_in_the_state() -> None:
+    server = FederatedServer(FedAvg(1, seed=0), num_clients=2)
+    server.initialize({"w": torch.zeros(2), "steps": torch.zeros(1, dtype=torch.long)})
+    (client,) = server.open_round(0).client_ids
+    assert server.submit(ClientUpdate(client, 0, 1, {"w": torch.ones(2), "steps": torch.full((1,), 5)}))
+
+
+def test_server_accepts_a_float16_update_whose_difference_leaves_float16s_range() -> None:
+    # 60000 - (-60000) is inf in float16, but the change (norm 2.4e5) is within 1e4 x the state's norm (1.2e5).
+    server = FederatedServer(FedAvg(1, seed=0), num_clients=2)
+    server.initialize({"w": torch.full((2, 2), -60000.0, dtype=torch.float16)})
+    (client,) = server.open_round(0).client_ids
+    update = {"w": torch.full((2, 2), 60000.0, dtype=torch.float16)}
+    assert server.submit(ClientUpdate(client, 0, 1, update)), server.record.rejected
