@@ -8,16 +8,18 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.rpc as torch_rpc
 import yaml
 
 from lightning_fedpeft import FedAvg, FederatedServer, FederationAborted
 from lightning_fedpeft.launchers.codec import Codec
-from lightning_fedpeft.launchers.rpc import Aborted, ServerEndpoint
+from lightning_fedpeft.launchers.rpc import Aborted, RPCLauncher, ServerEndpoint
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan
 
 TESTS = Path(__file__).parent
@@ -418,3 +420,40 @@ def test_a_reported_failure_stops_every_rank_with_its_reason() -> None:
     start = time.monotonic()
     endpoint.wait_for_goodbyes(timeout_s=30)  # both said goodbye: the server may go at once
     assert time.monotonic() - start < 1
+
+
+@pytest.mark.parametrize("answer", ["accepted", "aborted", "server gone"])
+def test_a_client_rank_trains_on_while_its_upload_is_checked(monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
+    """A client rank's submit returns before the server has answered; the round's end waits for the answer."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    upload: torch.futures.Future = torch.futures.Future()
+    polled_after_upload: list[bool] = []
+
+    def rpc_sync(to: str, fn: object, args: tuple = (), timeout: float = 0) -> object:
+        polled_after_upload.append(upload.done())
+        return None, False  # the round's outcome, without its state
+
+    monkeypatch.setattr(torch_rpc, "rpc_async", lambda to, fn, args=(), timeout=0: upload)
+    monkeypatch.setattr(torch_rpc, "rpc_sync", rpc_sync)
+    launcher = RPCLauncher()
+    assert launcher.submit(ClientUpdate(3, 0, 5, {"w": torch.ones(2)})) is True
+    assert not upload.done(), "submit waited for the server's answer"
+
+    def reply() -> None:
+        time.sleep(0.2)
+        if answer == "server gone":
+            upload.set_exception(RuntimeError("eof (this error originated at tensorpipe/transport/uv)"))
+        else:
+            upload.set_result(True if answer == "accepted" else Aborted("rank 0 failed: boom"))
+
+    threading.Thread(target=reply).start()
+    if answer == "accepted":
+        outcome = launcher.finish_round(0, state_needed=False)
+        assert outcome.global_state == {} and not outcome.final
+        assert polled_after_upload == [True], "the outcome was asked for before the upload arrived"
+        assert launcher.rpc_seconds >= 0.15  # the wait for the upload counts as transfer time; the poll not
+    else:
+        with pytest.raises(FederationAborted, match="boom" if answer == "aborted" else "lost the server"):
+            launcher.finish_round(0, state_needed=False)
+        assert polled_after_upload == []

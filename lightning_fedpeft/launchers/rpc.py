@@ -406,6 +406,7 @@ class RPCLauncher(RoundChannel):
         self.stopped_by: str | None = None  # why the federation stopped, once this process knows it
         self.round: int | None = None  # the round this process last joined
         self.rpc_seconds = 0.0
+        self._upload: Any = None  # a client rank's update still on its way (a torch.futures.Future)
 
     def check_round_size(self, clients_per_round: int) -> None:
         # Lightning ends fit after an epoch without batches, so every rank must train every round.
@@ -512,7 +513,9 @@ class RPCLauncher(RoundChannel):
         if isinstance(result, Aborted):
             self.stopped_by = result.reason
             raise FederationAborted(result.reason)
-        if result is not None:  # a call that carried data (not an empty poll)
+        # Only calls that carried data count: not an empty poll (None), nor an outcome without its state
+        # (None, final), whose time is the wait for the server to aggregate, which no transport saves.
+        if result is not None and not (isinstance(result, tuple) and result[0] is None):
             self.rpc_seconds += time.perf_counter() - start
         return result
 
@@ -540,6 +543,7 @@ class RPCLauncher(RoundChannel):
                 raise FederationAborted(fetched.reason)
             assert fetched is not None
         else:
+            self._await_upload()
             fetched = self._poll(_remote_fetch_round, round_idx, "open")
         ticket, wire = fetched
         self._received = self.codec.decode(wire, self._reference)
@@ -555,9 +559,37 @@ class RPCLauncher(RoundChannel):
             if isinstance(accepted, Aborted):
                 raise FederationAborted(accepted.reason)
             return accepted
-        bare.metrics["rpc_s"] = self.rpc_seconds  # transfer seconds since the previous update
+        # The upload goes while this rank trains its next client: the server checks and records an update
+        # under its lock, which takes as long as the transfer for a large state (tens of MB), and a rank
+        # that waited for that answer idled. One upload is in flight at a time, so a rank's updates arrive
+        # in order and memory holds at most one encoded state besides the one being trained. The tensors
+        # are copies (host_trainable_state), so training the next client cannot change them in flight.
+        self._await_upload()
+        bare.metrics["rpc_s"] = self.rpc_seconds  # seconds blocked in transfers since the previous update
         self.rpc_seconds = 0.0
-        return bool(self._call(_remote_submit, bare, wire))
+        start = time.perf_counter()
+        self._upload = rpc.rpc_async(
+            _worker_name(0), _remote_submit, args=(self.rank, bare, wire), timeout=self.wait_timeout_s
+        )
+        self.rpc_seconds += time.perf_counter() - start  # serializing the update (the send itself is async)
+        return True  # whether it was accepted is known later, on the server (the round's record says)
+
+    def _await_upload(self) -> None:
+        """Wait for the update in flight, counting the wait as transfer time; raise if the run stopped."""
+        upload, self._upload = self._upload, None
+        if upload is None:
+            return
+        start = time.perf_counter()
+        try:
+            result = upload.wait()
+        except RuntimeError as err:  # the transport's error when the server is gone, e.g. mid-upload
+            self.stopped_by = self.stopped_by or self._server_gone(err)
+            raise FederationAborted(self.stopped_by) from None
+        finally:
+            self.rpc_seconds += time.perf_counter() - start
+        if isinstance(result, Aborted):
+            self.stopped_by = result.reason
+            raise FederationAborted(result.reason)
 
     def close_round(self, round_idx: int) -> RoundRecord | None:
         if self.rank != 0:
@@ -569,6 +601,7 @@ class RPCLauncher(RoundChannel):
         if self.rank == 0:
             assert self.endpoint is not None
             return self.endpoint.publish(round_idx)
+        self._await_upload()  # the round's last update is on the server before its outcome is asked for
         state, final = self._poll(_remote_fetch_outcome, round_idx, "close", state_needed)
         return RoundOutcome(round_idx, state or {}, final)
 
@@ -594,6 +627,12 @@ class RPCLauncher(RoundChannel):
             # still collects the last round's state (its last call before its goodbye).
             aborted = self.endpoint.aborted is not None
             self.endpoint.wait_for_goodbyes(self.heartbeat_s * 5 + 5 if aborted else self.wait_timeout_s)
+        if self._upload is not None:  # nothing may be in flight when the agent stops (see below)
+            try:
+                self._upload.wait()
+            except Exception:  # the server is gone: the update is lost with it
+                pass
+            self._upload = None
         if self._beat is not None:
             # A heartbeat still inside rpc_sync when the agent shuts down aborts the process ("terminate
             # called without an active exception"), so wait for it; once the server is gone it fails fast.
