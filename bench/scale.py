@@ -16,7 +16,7 @@ clients per round, 3 rounds unless said), printed as tables:
 Round 0 is a warm-up (not counted); a round's time is ``train_time_s`` in ``rounds.csv``, the median
 over the rest. One run per row.
 
-    python bench/scale.py                      # about 10 minutes on 2 CPU cores; --parts to choose
+    python bench/scale.py --out docs/data/scale_results.txt   # --parts to choose
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ import argparse
 import csv
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -90,9 +92,19 @@ def median(rows: list[dict[str, str]], key: str, scale: float = 1.0) -> float:
     return statistics.median(float(r.get(key) or 0) * scale for r in rows)
 
 
+def tokenize_first(corpus: str) -> None:
+    """Fill the tokenized-corpus cache before any measured run: the first run to tokenize a corpus peaks
+    higher (the tokenizer's batch over every text) than the runs that read the cache, which once made
+    10 clients look 1.7x as costly as 1,000."""
+    from lightning_fedpeft.data import FederatedTextDataModule
+
+    FederatedTextDataModule(corpus=corpus, max_length=64, num_clients=10, partitioner="iid").setup()
+
+
 def clients_part(tmp: Path) -> list[str]:
     lines = ["corpus  clients  server peak RSS MB  ratio to 10 clients"]
     for corpus, many, partitioner in (("20NG", 1000, "dirichlet"), ("clinc", 10000, "iid")):
+        tokenize_first(corpus)
         base = None
         for clients in (10, many):
             data = {"corpus": corpus, "num_clients": clients, "partitioner": partitioner, "min_partition_size": 1}
@@ -105,6 +117,7 @@ def clients_part(tmp: Path) -> list[str]:
 def ranks_part(tmp: Path) -> list[str]:
     lines = ["ranks  s/round  speed-up  RPC s/round  RPC MB/round  server RSS MB  client rank RSS MB"]
     data = {"corpus": "20NG", "num_clients": 200, "partitioner": "iid"}
+    tokenize_first("20NG")
     base = None
     for procs in (1, 2, 3):
         rows, rss = fit(tmp, f"ranks{procs}", procs, data, {"clients_per_round": 100, "local_steps": 1})
@@ -123,6 +136,7 @@ def state_part(tmp: Path) -> list[str]:
     lines = ["trainable state  MB  s/round  RPC s/round  RPC share of the round"]
     data = {"corpus": "20NG", "num_clients": 20, "partitioner": "iid"}
     full = {"num_hidden_layers": 2, "method": "full", "lr": 5e-5}
+    tokenize_first("20NG")
     for label, model in (("adapters", None), ("full (2 layers)", full)):
         rows, _ = fit(tmp, f"state_{label.split()[0]}", 2, data, {"clients_per_round": 4, "local_steps": 5}, model)
         seconds, rpc = median(rows, "train_time_s"), median(rows, "rpc_s")
@@ -137,11 +151,29 @@ PARTS = {"clients": clients_part, "ranks": ranks_part, "state": state_part}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    parser.add_argument("--out", type=Path, help="also write the tables, with the machine and date, to this file")
     args = parser.parse_args()
+    record = [f"# bench/scale.py --parts {' '.join(args.parts)}", f"# {machine()}", ""]
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.parts:
             lines = PARTS[part](Path(tmp))
             print("\n".join(lines), end="\n\n", flush=True)
+            record += [*lines, ""]
+            if args.out:  # written after each part, so a long run keeps what it has measured
+                args.out.write_text("\n".join(record))
+
+
+def machine() -> str:
+    """CPU model, core count and date, for the record."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
 
 
 if __name__ == "__main__":
