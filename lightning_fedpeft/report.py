@@ -12,9 +12,9 @@ into ``--out``:
 * ``summary.md``: one row per run (rounds, best and final validation metric, MB, simulated hours, wall
   time).
 
-A picture is drawn only when some run has its columns. ``rounds.csv`` is rewritten whole at every round's
-end (atomically), so a report on a run still going shows the rounds so far. Uses matplotlib (Agg: no
-screen needed).
+Rounds are numbered from 1, as the progress lines number them. A picture is drawn only when some run has
+its columns. ``rounds.csv`` is rewritten whole at every round's end (atomically), so a report on a run
+still going shows the rounds so far. Uses matplotlib (Agg: no screen needed).
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ def find_runs(folders: Sequence[str | Path]) -> list[Run]:
                 rows = [{k: x for k, v in row.items() if (x := _number(v)) is not None} for row in csv.DictReader(fh)]
             total = 0.0
             for row in rows:  # cumulative MB: what the run has exchanged by the end of each round
+                # rounds.csv counts rounds from 0 (Lightning's epoch); the report numbers them from 1, as the
+                # progress lines do ("round 1/N" is the first round done), so both name a round alike.
+                if "round" in row:
+                    row["round"] += 1
                 total += (row.get("bytes_up", 0.0) + row.get("bytes_down", 0.0)) / 1e6
                 row["mb_total"] = total
             # Named by its folder below the parent of the one given: runs/quickstart -> quickstart/version_0

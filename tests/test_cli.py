@@ -80,6 +80,28 @@ def test_cli_fit_runs_rounds_and_prints_test_accuracy(tmp_path: Path, cache_dir:
     assert f"| {run_name} | 2 |" in summary and final in summary and final in report.stdout
 
 
+def test_report_numbers_rounds_as_the_progress_lines_do(tmp_path: Path) -> None:
+    # A run still going, validated every other round: rounds.csv counts from 0, "round 1/N" is its row 0.
+    run = tmp_path / "runs" / "going" / "version_0"
+    run.mkdir(parents=True)
+    (run / "rounds.csv").write_text(
+        "round,train_loss,val_acc,bytes_up,bytes_down,round_time_s\n"
+        "0,2.0,,1000000,1000000,3\n"
+        "1,1.5,0.60,1000000,1000000,3\n"
+        "2,1.2,,1000000,1000000,3\n"
+        "3,1.0,0.55,1000000,1000000,3\n"
+    )
+    from lightning_fedpeft.report import build_report, find_runs
+
+    (going,) = find_runs([tmp_path / "runs"])
+    assert going.series("val_acc") == ([2.0, 4.0], [0.60, 0.55])
+    assert going.series("train_loss")[0] == [1.0, 2.0, 3.0, 4.0]
+    build_report([tmp_path / "runs"], tmp_path / "report")
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "| runs/going/version_0 | 4 | 0.6000 (2) | 0.5500 | 8.0 |  | 12 |" in summary, summary
+    _assert_png(tmp_path / "report" / "accuracy.png")
+
+
 def _assert_png(path: Path) -> None:
     import matplotlib.image
 
