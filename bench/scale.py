@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import platform
@@ -92,6 +93,7 @@ def median(rows: list[dict[str, str]], key: str, scale: float = 1.0) -> float:
     return statistics.median(float(r.get(key) or 0) * scale for r in rows)
 
 
+@functools.cache  # once per corpus and run: the parts that share 20NG need not read its cache again
 def tokenize_first(corpus: str) -> None:
     """Fill the tokenized-corpus cache before any measured run: the first run to tokenize a corpus peaks
     higher (the tokenizer's batch over every text) than the runs that read the cache, which once made
