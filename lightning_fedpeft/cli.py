@@ -14,6 +14,7 @@ import sys
 import warnings
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -22,6 +23,7 @@ from lightning_fedpeft.data import FederatedTextDataModule
 from lightning_fedpeft.devices import rank_devices
 from lightning_fedpeft.errors import SetupError
 from lightning_fedpeft.launchers import FederationAborted
+from lightning_fedpeft.loading import BaseLoading, auto_dtype
 from lightning_fedpeft.module import FedPEFTModule
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,17 @@ class FedPEFTCLI(LightningCLI):
                 ValueError(f"the checkpoint {ckpt} cannot be read ({str(err).split('.')[0]}); resume from another"), 2
             )
 
+    def before_instantiate_classes(self) -> None:
+        # Settings that depend on the trainer, resolved or refused before the model's weights are read.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        try:
+            check_strategy(config.trainer.get("strategy"), config.trainer.get("accelerator"))
+            config.model.base_dtype = resolve_base_dtype(
+                config.model.base_dtype, config.model.quantization, config.model.load_device, config.trainer
+            )
+        except ValueError as err:
+            _exit_with(err, 2)
+
     def instantiate_classes(self) -> None:
         # Bad settings raise ValueError while the data module and model are built, before any training:
         # print the message (it names the setting and the fix) instead of a traceback.
@@ -116,6 +129,29 @@ class FedPEFTCLI(LightningCLI):
         if self.config_init[self.subcommand].get("test_after_fit", True) and not trainer.interrupted:
             results = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         _print_summary(trainer, sync, results[0] if results else {})
+
+
+def resolve_base_dtype(base_dtype: str, quantization: str, load_device: str, trainer: Any) -> str:
+    """``model.base_dtype: auto`` made concrete from ``trainer.precision`` and ``trainer.accelerator``, so that
+    the base is loaded in the dtype it trains in (see :func:`lightning_fedpeft.loading.auto_dtype`)."""
+    if base_dtype != "auto":
+        return base_dtype
+    loading = BaseLoading("auto", quantization, load_device)
+    on_gpu = str(trainer.get("accelerator") or "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    device = loading.target_device() if on_gpu else torch.device("cpu")
+    return str(auto_dtype(str(trainer.get("precision") or "32-true"), device)).removeprefix("torch.")
+
+
+def check_strategy(strategy: Any, accelerator: Any) -> None:
+    """Refuse DeepSpeed where it cannot run (Lightning's DeepSpeed strategy needs a CUDA GPU), naming the setting."""
+    name = strategy if isinstance(strategy, str) else getattr(strategy, "get", lambda *_: "")("class_path") or ""
+    if "deepspeed" not in str(name).lower():
+        return
+    if str(accelerator or "auto") == "cpu" or not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.strategy={name!r}: DeepSpeed runs on CUDA GPUs only, and this process has none; "
+            f"remove trainer.strategy (a CPU client trains without it)"
+        )
 
 
 def _resumable(trainer: Any) -> None:

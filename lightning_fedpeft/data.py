@@ -228,6 +228,10 @@ class TokenizedDataset(Dataset):
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.input_ids[idx], self.labels[idx]
 
+    def lengths(self) -> list[int]:
+        """Every example's token count (for length bucketing)."""
+        return [len(ids) for ids in self.input_ids]
+
 
 @dataclass
 class PadCollate:
@@ -290,6 +294,9 @@ class FederatedTextDataModule(pl.LightningDataModule):
         batch_size: local training batch size; eval_batch_size: server-side evaluation batch size.
         seed: seeds partitioning and sub-sampling.
         cache_dir: where tokenized splits are cached (default ``~/.cache/lightning_fedpeft``).
+        length_bucketing: RoundSync lays each client's local batches out by length (see
+            :func:`lightning_fedpeft.rounds.bucket_by_length`): less padding, the same examples per pass, the
+            same per-row loss. Off by default (the batches' make-up, so the run's numbers, change with it).
     """
 
     def __init__(
@@ -322,6 +329,7 @@ class FederatedTextDataModule(pl.LightningDataModule):
         seed: int = 42,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        length_bucketing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -358,6 +366,7 @@ class FederatedTextDataModule(pl.LightningDataModule):
         self.collate: PadCollate | CausalCollate = CausalCollate() if causal else PadCollate()
         # Evaluation batches of instruction data also carry the prompts alone, to generate answers from.
         self.eval_collate = CausalCollate(with_prompts=True) if causal else self.collate
+        self.length_bucketing = length_bucketing  # read by RoundSync's ClientData
         self.truncated: dict[str, int] = {}  # causal_lm: prompts cut to fit max_length, per split
         self.cache_hits = 0  # tokenized splits read from the cache (observable in tests and logs)
 

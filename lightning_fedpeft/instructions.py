@@ -108,6 +108,10 @@ class InstructionDataset(Dataset):
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
         return self.input_ids[idx], self.prompt_lens[idx]
 
+    def lengths(self) -> list[int]:
+        """Every sequence's token count (for length bucketing)."""
+        return [len(ids) for ids in self.input_ids]
+
 
 @dataclass
 class CausalCollate:

@@ -115,8 +115,12 @@ def check_task(path: Path, task: str) -> None:
         )
 
 
-def load_causal_lm(path: Path, num_hidden_layers: int | None = None) -> nn.Module:
-    """Load a decoder (``AutoModelForCausalLM``) from a local folder, optionally cut to its first layers."""
+def load_causal_lm(path: Path, num_hidden_layers: int | None = None, load_kwargs: dict | None = None) -> nn.Module:
+    """Load a decoder (``AutoModelForCausalLM``) from a local folder, optionally cut to its first layers.
+
+    ``load_kwargs`` go to ``from_pretrained`` (dtype, device map, quantization: see
+    :meth:`~lightning_fedpeft.loading.BaseLoading.from_pretrained_kwargs`); default: float32 on the CPU.
+    """
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -133,18 +137,24 @@ def load_causal_lm(path: Path, num_hidden_layers: int | None = None) -> nn.Modul
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32)
+        kwargs = load_kwargs or {"dtype": torch.float32}
+        return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
 
 
 def load_backbone(
-    path: Path, num_labels: int, num_hidden_layers: int | None = None, pooling: str = "model"
+    path: Path,
+    num_labels: int,
+    num_hidden_layers: int | None = None,
+    pooling: str = "model",
+    load_kwargs: dict | None = None,
 ) -> nn.Module:
     """Load a sequence-classification model from a local folder, optionally cut to its first layers.
 
-    ``pooling="mean"`` replaces a BERT-style pooler with :class:`MaskedMeanPooler`.
+    ``pooling="mean"`` replaces a BERT-style pooler with :class:`MaskedMeanPooler`. ``load_kwargs`` go to
+    ``from_pretrained``, as for :func:`load_causal_lm`.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"model.pooling={pooling!r} is unknown; allowed: {', '.join(POOLINGS)}")
@@ -164,7 +174,9 @@ def load_backbone(
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, local_files_only=True, **(load_kwargs or {})
+        )
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()

@@ -15,6 +15,7 @@ from torchmetrics.text import Perplexity
 
 from lightning_fedpeft.cache import CACHE_DTYPES, ActivationCache, cache_unsupported
 from lightning_fedpeft.errors import SetupError
+from lightning_fedpeft.loading import BaseLoading, auto_dtype, check_precision_for_base, float32_trainables
 from lightning_fedpeft.models import (
     PEFT_METHODS,
     PEFTMethod,
@@ -75,6 +76,16 @@ class FedPEFTModule(pl.LightningModule):
             match against its answer (0: no generation; loss and perplexity only).
         gradient_checkpointing: recompute activations in backward (Hugging Face's, non-reentrant): less
             activation memory for decoders on small GPUs, for more compute. Same results.
+        base_dtype: the frozen base's dtype, loaded as such (no float32 copy on the way): ``auto``
+            (bfloat16 (float16 on a GPU without it) when the trainer trains in a half precision on a GPU,
+            else float32), ``float32``, ``bfloat16`` or ``float16``. The trainable tensors stay float32.
+            The CLI resolves ``auto`` from ``trainer.precision`` before the load; a module built in Python
+            with ``auto`` loads float32 and casts the frozen base when ``fit`` sets up (name the dtype to
+            skip that).
+        quantization: ``none``, ``nf4`` (4-bit, QLoRA) or ``int8``: the frozen base's linear layers in 4 or 8
+            bits (bitsandbytes), with lora, svd or adapter. Only the float32 trainable tensors travel.
+        load_device: where the base's weights are loaded: ``auto`` (the rank's GPU for a half or quantized
+            base when CUDA is there, else the CPU, as Lightning then moves it), ``cpu``, ``cuda``, ``cuda:N``.
 
     Gradient clipping is Lightning's: set ``trainer.gradient_clip_val``.
     """
@@ -101,6 +112,9 @@ class FedPEFTModule(pl.LightningModule):
         activation_cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16",
         max_new_tokens: int = 16,
         gradient_checkpointing: bool = False,
+        base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+        quantization: Literal["none", "nf4", "int8"] = "none",
+        load_device: str = "auto",
     ) -> None:
         super().__init__()
         if method not in PEFT_METHODS:
@@ -129,16 +143,32 @@ class FedPEFTModule(pl.LightningModule):
             raise ValueError(f"model.lr={lr} must be a positive number")
         if orth_reg_weight < 0:
             raise ValueError(f"model.orth_reg_weight={orth_reg_weight} must be >= 0")
+        loading = BaseLoading(base_dtype, quantization, load_device)
         self.save_hyperparameters()
         path = resolve_model_path(model_name_or_path)
         try:
             check_task(path, task)
         except ValueError as err:
             raise ValueError(f"model: {err}") from err
+        device, dtype = loading.load_target()
+        loading.check(method, device, dtype)
+        # The default (float32 on the CPU) loads as it always has; anything else streams the weights in
+        # their dtype (and quantization) onto their device.
+        load_kwargs = (
+            None
+            if (device.type, dtype, quantization) == ("cpu", torch.float32, "none")
+            else (loading.from_pretrained_kwargs(device, dtype))
+        )
         if task == "causal_lm":
-            backbone = load_causal_lm(path, num_hidden_layers=num_hidden_layers)
+            backbone = load_causal_lm(path, num_hidden_layers=num_hidden_layers, load_kwargs=load_kwargs)
         else:
-            backbone = load_backbone(path, num_labels=num_labels, num_hidden_layers=num_hidden_layers, pooling=pooling)
+            backbone = load_backbone(
+                path,
+                num_labels=num_labels,
+                num_hidden_layers=num_hidden_layers,
+                pooling=pooling,
+                load_kwargs=load_kwargs,
+            )
         try:
             self.model = apply_peft(
                 backbone,
@@ -154,6 +184,8 @@ class FedPEFTModule(pl.LightningModule):
             )
         except ValueError as err:
             raise ValueError(f"model: {err}") from err
+        float32_trainables(self.model)  # a head copied from a half base; the federated state is float32
+        self.strict_loading = not loading.quantized  # see on_save_checkpoint
         if gradient_checkpointing:
             _enable_gradient_checkpointing(self.model)
         self.activation_cache = _activation_cache(self.model, task, method, activation_cache_mb, activation_cache_dtype)
@@ -232,8 +264,43 @@ class FedPEFTModule(pl.LightningModule):
         # A FedAdapter run may have grown the adapters, a FedARA run cut or pruned SVD layers: take the
         # checkpoint's configuration before Lightning loads its (strict) state dict.
         self._adopt_configuration(checkpoint.get("state_dict", {}))
+        if not self.strict_loading:  # a quantized base: the checkpoint holds the trainable tensors only
+            missing = sorted({n for n, p in self.named_parameters() if p.requires_grad} - set(checkpoint["state_dict"]))
+            if missing:
+                raise SetupError(f"the checkpoint lacks trainable tensors of this model: {missing[:3]}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A quantized base's packed 4-bit tensors do not load back through a state dict, and the frozen base
+        # is read again from its folder, as it was: keep the trainable tensors only (loaded non-strictly).
+        if not self.strict_loading:
+            keep = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     # -- Lightning ---------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # The trainer's precision is known only now: refuse a base it cannot run with, and give an 'auto'
+        # base built in Python (loaded as float32) the half dtype it resolves to, before it moves to the GPU.
+        precision = str(self.trainer.precision)
+        if self.hparams.base_dtype == "auto" and self.hparams.quantization == "none":
+            want = auto_dtype(precision, self.trainer.strategy.root_device)
+            if want != torch.float32 and self.frozen_dtype == torch.float32:
+                log.info(
+                    "model.base_dtype=auto: casting the frozen base to %s for trainer.precision=%s", want, precision
+                )
+                for param in self.model.parameters():
+                    if not param.requires_grad and param.is_floating_point():
+                        param.data = param.data.to(want)
+        try:
+            check_precision_for_base(self.frozen_dtype, precision)
+        except ValueError as err:
+            raise SetupError(str(err)) from err
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """The dtype of the frozen base's floating-point weights (float32 when nothing is frozen)."""
+        frozen = (p.dtype for p in self.model.parameters() if not p.requires_grad and p.is_floating_point())
+        return next(frozen, torch.float32)
+
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
 

@@ -48,17 +48,24 @@ def check_local_work(local_epochs: Any, local_steps: Any, where: str) -> None:
             raise ValueError(f"{where}{key}={value!r} must be an int >= 1{hint}")
 
 
+# Length bucketing sorts the examples of this many batches' worth of a shuffled pass by length: long enough
+# runs for batches of similar lengths, short enough that each batch still draws from a random part of the pass.
+BUCKET_BATCHES = 16
+
+
 def client_batches(
     indices: Sequence[int],
     batch_size: int,
     local_epochs: int = 1,
     local_steps: int | None = None,
     generator: torch.Generator | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """One client's local batches: ``local_epochs`` shuffled passes, or exactly ``local_steps`` batches.
 
     With ``local_steps`` the client cycles through reshuffled passes until it has that many batches; the
-    last batch of a pass may be smaller than ``batch_size`` (nothing is dropped).
+    last batch of a pass may be smaller than ``batch_size`` (nothing is dropped). With ``lengths`` (every
+    example's token count, indexed like the dataset) each pass is bucketed: see :func:`bucket_by_length`.
     """
     if not indices:
         return []
@@ -67,13 +74,34 @@ def client_batches(
     while True:
         perm = torch.randperm(len(indices), generator=generator).tolist()
         order = [indices[i] for i in perm]
-        for start in range(0, len(order), batch_size):
-            batches.append(order[start : start + batch_size])
+        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        if lengths is not None:
+            chunks = bucket_by_length(order, batch_size, lengths, generator)
+        for chunk in chunks:
+            batches.append(chunk)
             if local_steps is not None and len(batches) == local_steps:
                 return batches
         passes += 1
         if local_steps is None and passes == local_epochs:
             return batches
+
+
+def bucket_by_length(
+    order: Sequence[int], batch_size: int, lengths: Sequence[int], generator: torch.Generator | None
+) -> list[list[int]]:
+    """Batches of similar lengths from one shuffled pass ``order``: every ``BUCKET_BATCHES`` batches' worth of
+    it sorted by length (longest first) and cut into batches, then all of the pass's batches shuffled.
+
+    A batch is padded to its longest row, so batches of similar lengths pad less (fewer tokens computed for
+    nothing); each example still comes once per pass, and the loss of a row does not depend on its padding.
+    """
+    span = batch_size * BUCKET_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), span):
+        run = sorted(order[start : start + span], key=lambda i: -lengths[i])  # stable: ties keep the shuffle
+        batches.extend(run[b : b + batch_size] for b in range(0, len(run), batch_size))
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]
 
 
 class RoundBatchSampler(Sampler[list[int]]):
@@ -89,6 +117,7 @@ class RoundBatchSampler(Sampler[list[int]]):
         round_idx: the round these batches belong to.
         instructions: per client, what the round's plan told it; ``local_steps`` and ``local_epochs`` there
             override the two settings above for that client.
+        lengths: every example's token count, to bucket each client's batches by length (None: off).
     """
 
     def __init__(
@@ -101,6 +130,7 @@ class RoundBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         round_idx: int = 0,
         instructions: Mapping[int, Mapping[str, Any]] | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> None:
         self.batches: list[list[int]] = []
         self.segments: list[ClientSegment] = []
@@ -113,7 +143,7 @@ class RoundBatchSampler(Sampler[list[int]]):
             # One generator per (seed, round, client): a client's batches do not depend on which other
             # clients share its process, so a multi-rank run trains exactly what the simulator trains.
             gen = torch.Generator().manual_seed(client_seed(seed, round_idx, cid))
-            batches = client_batches(list(client_indices[cid]), batch_size, epochs, steps, gen)
+            batches = client_batches(list(client_indices[cid]), batch_size, epochs, steps, gen, lengths)
             if not batches:
                 continue  # an empty client has nothing to contribute
             self.segments.append(ClientSegment(cid, len(client_indices[cid]), len(self.batches), len(batches)))

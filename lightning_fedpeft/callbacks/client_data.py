@@ -3,7 +3,8 @@
 RoundSync takes the batch size, collate function and workers from the data source's own
 ``train_dataloader()`` and lays out every round's batches itself (:mod:`lightning_fedpeft.rounds`).
 The partition comes from the data source (a ``client_indices`` attribute, as on
-``FederatedTextDataModule``), or an IID split over ``num_clients``; in ``mode: real`` every rank is one
+``FederatedTextDataModule``; a true ``length_bucketing`` attribute there buckets each client's batches by
+length), or an IID split over ``num_clients``; in ``mode: real`` every rank is one
 client and trains on its own data.
 """
 
@@ -30,7 +31,13 @@ class ClientData:
     ``train_dataloader`` (an instance attribute) until :meth:`release`.
     """
 
-    def __init__(self, base: DataLoader, client_indices: Sequence[Sequence[int]], source: Any = None) -> None:
+    def __init__(
+        self,
+        base: DataLoader,
+        client_indices: Sequence[Sequence[int]],
+        source: Any = None,
+        length_bucketing: bool = False,
+    ) -> None:
         batch_size = base.batch_size if base.batch_size is not None else getattr(base.batch_sampler, "batch_size", None)
         if not batch_size:
             raise ValueError("RoundSync could not tell the training batch size from train_dataloader()")
@@ -43,6 +50,15 @@ class ClientData:
             "pin_memory": base.pin_memory,
         }
         self.source = source
+        self.lengths: list[int] | None = None  # every example's token count, when batches are bucketed by length
+        if length_bucketing:
+            lengths = getattr(self.dataset, "lengths", None)
+            if not callable(lengths):
+                raise ValueError(
+                    f"data.length_bucketing needs a dataset that tells its examples' lengths (a lengths() method); "
+                    f"{type(self.dataset).__name__} has none"
+                )
+            self.lengths = list(lengths())
 
     @classmethod
     def take_over(
@@ -53,7 +69,8 @@ class ClientData:
         source, base = training_loader(trainer, pl_module, owner)
         indices = getattr(source, "client_indices", None)
         where = (launcher.mode, launcher.rank, launcher.world_size)
-        return cls(base, client_partition(indices, len(base.dataset), num_clients, *where, seed), source)
+        partition = client_partition(indices, len(base.dataset), num_clients, *where, seed)
+        return cls(base, partition, source, length_bucketing=bool(getattr(source, "length_bucketing", False)))
 
     def serve(self, round_loader: Any) -> None:
         """From now on the source's ``train_dataloader()`` is ``round_loader()`` (Lightning asks every epoch)."""
@@ -81,6 +98,7 @@ class ClientData:
             seed=seed,
             round_idx=ticket.round,
             instructions=ticket.instructions,
+            lengths=self.lengths,
         )
         return DataLoader(self.dataset, batch_sampler=sampler, **self._loader_kwargs), sampler
 

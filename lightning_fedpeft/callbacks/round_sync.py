@@ -29,6 +29,7 @@ from lightning_fedpeft.aggregation import Aggregator, ServerOptimizer
 from lightning_fedpeft.algorithm import FederatedAlgorithm, FederatedRun, configure_algorithms
 from lightning_fedpeft.callbacks.client_data import ClientData
 from lightning_fedpeft.callbacks.round_log import RoundLog
+from lightning_fedpeft.callbacks.zero_reset import check_deepspeed, deepspeed_stage, reset_zero_optimizer
 from lightning_fedpeft.checkpoint import AtomicCheckpointIO
 from lightning_fedpeft.cost import CostModel
 from lightning_fedpeft.devices import check_precision
@@ -153,6 +154,7 @@ class RoundSync(Callback):
                 f"client process, on its own LOCAL_RANK GPU)"
             )
         check_precision(str(trainer.precision), trainer.strategy.root_device)
+        check_deepspeed(trainer.strategy)
         channel = self.launcher
         self._data = data = ClientData.take_over(trainer, pl_module, self.num_clients, channel, self.seed, RoundSync)
         run = FederatedRun(
@@ -244,7 +246,10 @@ class RoundSync(Callback):
         torch.manual_seed(client_seed(self.seed, ctx.round, ctx.client_id))
         for algorithm in self.algorithms:
             algorithm.on_client_start(ctx, pl_module)
-        trainer.strategy.setup_optimizers(trainer)  # fresh optimizer (and schedulers) for every client
+        if deepspeed_stage(trainer.strategy) is None:
+            trainer.strategy.setup_optimizers(trainer)  # fresh optimizer (and schedulers) for every client
+        else:  # DeepSpeed builds its optimizer once, in its engine: reset that one
+            reset_zero_optimizer(trainer.strategy)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

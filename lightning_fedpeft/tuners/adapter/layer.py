@@ -36,7 +36,10 @@ class BottleneckAdapter(nn.Module):
         return self.down.in_features
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.up(torch.relu(self.down(hidden)))
+        # The adapter keeps float32 weights over a half-precision base: it computes in its own dtype (a no-op
+        # for a float32 base) and hands the residual back in the base's.
+        x = hidden.to(self.down.weight.dtype)
+        return hidden + self.up(torch.relu(self.down(x))).to(hidden.dtype)
 
     def resized(self, width: int, generator: torch.Generator | None = None) -> BottleneckAdapter:
         """A copy of this adapter with ``width`` units.
