@@ -259,3 +259,37 @@ def test_rank_allocation_and_pruning_explain_bad_setups(stackoverflow, trainer_f
     trainer = trainer_factory(max_epochs=3, callbacks=[RoundSync(clients_per_round=2), ModulePruning()])
     with pytest.raises(ValueError, match="RankAllocation"):
         trainer.fit(svd, datamodule=data)
+
+
+def test_the_batched_penalty_and_foreach_averages_give_pefts_numbers() -> None:
+    from peft.tuners.adalora.layer import RankAllocator
+
+    from lightning_fedpeft.fedara.client import SensitivityAverages
+    from lightning_fedpeft.tuners.svd import set_rank
+
+    module = _svd_module(rank=4)  # eval mode: no dropout, so two forwards of one batch agree
+    module.activation_cache = None  # the plain path, which takes the batched penalty
+    layers = svd_layers(module.model)
+    set_rank(layers[next(iter(layers))], 2)  # ranks that differ between modules, as after an allocation
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.3)
+    peft_loss = module.model(**_batch()).loss  # peft's forward: its per-factor penalty inside
+    ours = module.training_step(_batch(), 0)
+    torch.testing.assert_close(ours, peft_loss, rtol=1e-6, atol=0)
+    assert float(ours - module.model.get_base_model()(**_batch()).loss) > 0.01  # the penalty is in it
+
+    config = module.model.peft_config["default"]
+    theirs = RankAllocator(module.model, type(config)(**{**config.to_dict(), "beta1": 0.85, "beta2": 0.7}), "default")
+    mine = SensitivityAverages(0.85, 0.7)
+    for step in range(3):
+        module.zero_grad()
+        module.training_step(_batch(), step).backward()
+        theirs.update_ipt(module.model)
+        mine.update_ipt(module.model)
+    assert set(mine.exp_avg_ipt) == set(theirs.exp_avg_ipt)
+    for name in theirs.exp_avg_ipt:
+        assert torch.equal(mine.exp_avg_ipt[name], theirs.exp_avg_ipt[name]), name
+        assert torch.equal(mine.exp_avg_unc[name], theirs.exp_avg_unc[name]), name
+    assert any(bool(t.abs().sum() > 0) for t in mine.exp_avg_unc.values())
