@@ -177,3 +177,25 @@ def float32_trainables(model: torch.nn.Module) -> int:
             param.data = param.data.float()
             cast += 1
     return cast
+
+
+def check_fused_kernels(task: str) -> None:
+    """Refuse ``model.fused_kernels`` where liger-kernel cannot run, naming the setting (before any load)."""
+    if task != "causal_lm":
+        raise ValueError("model.fused_kernels: liger-kernel's kernels serve decoders (model.task='causal_lm') only")
+    if not torch.cuda.is_available():
+        raise ValueError("model.fused_kernels: liger-kernel's Triton kernels need a CUDA GPU; leave it false here")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("model.fused_kernels needs liger-kernel: pip install -e '.[gpu]', or leave it false")
+
+
+def use_fused_kernels(model: torch.nn.Module) -> None:
+    """Swap liger-kernel's fused kernels into a loaded decoder (before peft wraps it); refuse an
+    architecture liger does not know."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ValueError(f"model.fused_kernels: liger-kernel has no kernels for model type {model_type!r}")
+    _apply_liger_kernel_to_instance(model=model)

@@ -15,7 +15,14 @@ from torchmetrics.text import Perplexity
 
 from lightning_fedpeft.cache import CACHE_DTYPES, ActivationCache, cache_unsupported
 from lightning_fedpeft.errors import SetupError
-from lightning_fedpeft.loading import BaseLoading, auto_dtype, check_precision_for_base, float32_trainables
+from lightning_fedpeft.loading import (
+    BaseLoading,
+    auto_dtype,
+    check_fused_kernels,
+    check_precision_for_base,
+    float32_trainables,
+    use_fused_kernels,
+)
 from lightning_fedpeft.models import (
     PEFT_METHODS,
     PEFTMethod,
@@ -84,6 +91,11 @@ class FedPEFTModule(pl.LightningModule):
             skip that).
         quantization: ``none``, ``nf4`` (4-bit, QLoRA) or ``int8``: the frozen base's linear layers in 4 or 8
             bits (bitsandbytes), with lora, svd or adapter. Only the float32 trainable tensors travel.
+        fused_kernels: decoders on a GPU: liger-kernel's Triton kernels (fused linear cross-entropy, which
+            never materializes the logits; RMSNorm; SwiGLU; RoPE) in the loaded model. ``bench/gpu.py``
+            checks its loss against the unfused one. Needs CUDA and ``pip install liger-kernel``. liger
+            patches the architecture's module classes as well as this model (other models of that
+            architecture built later in the process use its kernels too).
         load_device: where the base's weights are loaded: ``auto`` (the rank's GPU for a half or quantized
             base when CUDA is there, else the CPU, as Lightning then moves it), ``cpu``, ``cuda``, ``cuda:N``.
 
@@ -115,6 +127,7 @@ class FedPEFTModule(pl.LightningModule):
         base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         quantization: Literal["none", "nf4", "int8"] = "none",
         load_device: str = "auto",
+        fused_kernels: bool = False,
     ) -> None:
         super().__init__()
         if method not in PEFT_METHODS:
@@ -159,8 +172,12 @@ class FedPEFTModule(pl.LightningModule):
             if (device.type, dtype, quantization) == ("cpu", torch.float32, "none")
             else (loading.from_pretrained_kwargs(device, dtype))
         )
+        if fused_kernels:
+            check_fused_kernels(task)
         if task == "causal_lm":
             backbone = load_causal_lm(path, num_hidden_layers=num_hidden_layers, load_kwargs=load_kwargs)
+            if fused_kernels:
+                use_fused_kernels(backbone)
         else:
             backbone = load_backbone(
                 path,

@@ -169,7 +169,7 @@ class LocalRound:
         self.last_batch = max(self._ends)
         self.client: ClientContext | None = None
         self.losses: list[float] = []  # every local step's loss so far
-        self._client_losses: list[float] = []
+        self._client_losses: list[torch.Tensor] = []  # on the training device until the client ends
         self._client_sim_s = 0.0
 
     def start_client(self, batch_idx: int) -> ClientContext | None:
@@ -186,17 +186,30 @@ class LocalRound:
     def ends_client(self, batch_idx: int) -> bool:
         return batch_idx in self._ends
 
-    def record_step(self, loss: float | None, sim_s: float = 0.0) -> None:
-        """One local step of the client in training: its loss and simulated device seconds."""
+    def record_step(self, loss: torch.Tensor | float | None, sim_s: float = 0.0) -> None:
+        """One local step of the client in training: its loss and simulated device seconds.
+
+        The loss is kept as it comes (a tensor on the GPU, say) and read once, when the client ends: reading
+        it every step would make the host wait for the device at every step.
+        """
         if loss is not None:
-            self._client_losses.append(loss)
+            self._client_losses.append(
+                loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(loss, dtype=torch.float64)
+            )
         self._client_sim_s += sim_s
+
+    def _read_losses(self) -> list[float]:
+        """The client's step losses as floats, with one transfer from the device."""
+        steps = self._client_losses
+        if not steps:
+            return []
+        return torch.stack([t.reshape(()).to(steps[-1].device, torch.float64) for t in steps]).tolist()
 
     def finish_client(self, state: TrainableState, results: Sequence[ClientResult], simulated: bool) -> ClientUpdate:
         """The update of the client in training, from its trainable ``state`` and its algorithms' results."""
         ctx = self.client
         assert ctx is not None, "no client in training"
-        losses = self._client_losses
+        losses = self._read_losses()
         metrics = {"train_loss": sum(losses) / len(losses)} if losses else {}
         self.losses.extend(losses)
         tensors: TrainableState = {}

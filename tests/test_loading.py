@@ -103,6 +103,7 @@ def test_the_cli_resolves_auto_before_the_load(monkeypatch: pytest.MonkeyPatch) 
         ({"load_device": "cuda"}, r"model.load_device='cuda': CUDA is not available"),
         ({"quantization": "nf4", "method": "full"}, r"model.quantization='nf4'.*model.method='full'"),
         ({"quantization": "int8", "method": "freeze"}, r"model.quantization='int8'.*model.method='freeze'"),
+        ({"fused_kernels": True}, r"model.fused_kernels: liger-kernel's Triton kernels need a CUDA GPU"),
     ],
 )
 def test_bad_load_settings_are_refused_by_name_before_any_load(
@@ -268,3 +269,33 @@ class _ListData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.rows, batch_size=4)
+
+
+def test_the_gpu_qlora_config_builds_on_a_local_folder(tiny_llama: str, tmp_path: Any, cache_dir: str) -> None:
+    """configs/llm/qlora_8b_gpu.yaml with the folder and file a user gives: here a tiny decoder, on the CPU."""
+    pytest.importorskip("bitsandbytes")
+    import json
+    from pathlib import Path
+
+    import bitsandbytes as bnb
+
+    from lightning_fedpeft.cli import run_cli
+
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"say {i}", "response": f"{i % 7}"}) + "\n" for i in range(80)))
+    config = Path(__file__).resolve().parents[1] / "configs" / "llm" / "qlora_8b_gpu.yaml"
+    cli = run_cli(
+        [
+            f"--config={config}",
+            f"--model.model_name_or_path={tiny_llama}",
+            f"--data.train_file={rows}",
+            f"--data.cache_dir={cache_dir}",
+            "--data.max_length=32",
+            "--trainer.logger=false",
+        ],
+        run=False,
+    )
+    module = cli.model
+    assert module.hparams.quantization == "nf4" and module.hparams.base_dtype == "float32"  # auto, on a CPU
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules())
+    assert cli.datamodule.hparams.length_bucketing and cli.trainer.precision == "bf16-mixed"

@@ -261,7 +261,7 @@ class RoundSync(Callback):
         if self.cost_model is not None:
             model = getattr(pl_module, "model", pl_module)
             sim_s = self.cost_model.batch_seconds(model, batch, getattr(pl_module, "activation_cache", None))
-        local.record_step(float(loss.detach()) if isinstance(loss, torch.Tensor) else None, sim_s)
+        local.record_step(loss if isinstance(loss, torch.Tensor) else None, sim_s)
         if local.ends_client(batch_idx):
             self._finish_client(pl_module)
             if batch_idx == local.last_batch:
