@@ -661,16 +661,29 @@ def section_deepspeed(bench: Bench) -> dict:
 
     folder = decoder_folder(bench, "llama1b")
     data = FixedRows(64, bench.seq, bench.response, bench.shapes["llama1b"]["vocab_size"], bench.batch)
-    out = {}
+    from lightning_fedpeft.state import host_trainable_state
+
+    out: dict[str, Any] = {}
+    moved = {}
     for label, strategy in (("none", "auto"), ("zero2", DeepSpeedStrategy(stage=2))):
         module = _step_module(bench, folder, "lora")
+        start = host_trainable_state(module)
         sync = RoundSync(clients_per_round=2, num_clients=2, local_steps=bench.warmup + bench.steps, seed=0)
         bench.reset_memory()
         trainer(bench, [sync], "bf16-mixed", rounds=2, strategy=strategy).fit(module, datamodule=data)
+        end = host_trainable_state(module)
+        moved[label] = torch.cat([(end[k] - start[k]).flatten() for k in sorted(start)])
         out[label] = {"round_s": sync.history[-1]["round_time_s"], "peak_gpu_gb": bench.peak_gb(),
                       "losses": [r["train_loss"] for r in sync.history]}  # fmt: skip
         del module
-    print(f"  DeepSpeed ZeRO-2 vs none: {out['zero2']} / {out['none']}")
+    # Where ZeRO's master weights did not follow each client's state, the clients of a round would train on
+    # from each other's weights and the global model would move by a different amount: compare the moves.
+    out["move_relative_gap"] = float((moved["zero2"] - moved["none"]).norm() / moved["none"].norm())
+    print(
+        f"  DeepSpeed ZeRO-2: round {out['zero2']['round_s']:.2f} s, peak {out['zero2']['peak_gpu_gb']:.1f} GB; "
+        f"none: {out['none']['round_s']:.2f} s, {out['none']['peak_gpu_gb']:.1f} GB; losses {out['zero2']['losses']} "
+        f"vs {out['none']['losses']}; global move differs by {out['move_relative_gap']:.2e} relative"
+    )
     return out
 
 

@@ -237,6 +237,9 @@ def _quiet_third_party_noise() -> None:
 
     for handler in logging.getLogger("lightning.pytorch").handlers:
         handler.addFilter(_NoTips())
+    # bitsandbytes on a CPU with AVX-512 bf16 warns at import that the optional `kernels` package is missing:
+    # that package fetches its kernels from a model hub at run time, which this package never does.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _plain_progress() -> None:

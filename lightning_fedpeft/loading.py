@@ -122,8 +122,11 @@ class BaseLoading:
                 f"(or pip install bitsandbytes), or set model.quantization='none'"
             )
 
-    def from_pretrained_kwargs(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        """The keyword arguments of ``from_pretrained`` that load the base this way."""
+    def from_pretrained_kwargs(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
+        """The keyword arguments of ``from_pretrained`` that load the base this way; ``None`` for float32 on the
+        CPU, which loads as the package always has (the loaders' defaults)."""
+        if (device.type, dtype, self.quantized) == ("cpu", torch.float32, False):
+            return None
         kwargs: dict[str, Any] = {"dtype": dtype}
         if device.type != "cpu" or self.quantized:  # streamed onto the device (accelerate's device map)
             kwargs["device_map"] = {"": str(device)}

@@ -165,13 +165,7 @@ class FedPEFTModule(pl.LightningModule):
             raise ValueError(f"model: {err}") from err
         device, dtype = loading.load_target()
         loading.check(method, device, dtype)
-        # The default (float32 on the CPU) loads as it always has; anything else streams the weights in
-        # their dtype (and quantization) onto their device.
-        load_kwargs = (
-            None
-            if (device.type, dtype, quantization) == ("cpu", torch.float32, "none")
-            else (loading.from_pretrained_kwargs(device, dtype))
-        )
+        load_kwargs = loading.from_pretrained_kwargs(device, dtype)
         if fused_kernels:
             check_fused_kernels(task)
         if task == "causal_lm":

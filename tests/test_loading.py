@@ -147,6 +147,16 @@ def test_a_quantized_base_carries_float32_adapters_only(quantization: str, metho
     assert torch.isfinite(loss) and all(module.get_parameter(k).grad is not None for k in trainable_state(module))
 
 
+def test_bottleneck_adapters_train_over_a_4bit_base(tiny_llama: str) -> None:
+    pytest.importorskip("bitsandbytes")
+    module = _decoder(tiny_llama, method="adapter", width=8, quantization="nf4")
+    state = host_trainable_state(module)
+    assert state and all("adapter" in k for k in state) and {t.dtype for t in state.values()} == {torch.float32}
+    loss = module.training_step(_batches(1)[0], 0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(module.get_parameter(k).grad is not None for k in state)
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_qlora_trains_as_a_bare_peft_loop_on_the_same_quantized_base(
     quantization: str, tiny_llama: str, trainer_factory
@@ -218,7 +228,7 @@ def test_the_cli_refuses_deepspeed_without_a_gpu_in_one_line(capsys: pytest.Capt
 
 
 def test_roundsync_refuses_zero_stage_3_and_resets_a_zero_optimizer() -> None:
-    from lightning_fedpeft.callbacks.zero_reset import check_deepspeed, deepspeed_stage, reset_zero_optimizer
+    from lightning_fedpeft.callbacks.zero_reset import deepspeed_stage, prepare_deepspeed, reset_zero_optimizer
 
     class DeepSpeedStrategy:  # the name Lightning's strategy has; only its config and engine are read
         def __init__(self, stage: int, engine: Any = None) -> None:
@@ -226,9 +236,16 @@ def test_roundsync_refuses_zero_stage_3_and_resets_a_zero_optimizer() -> None:
             self.deepspeed_engine = engine
 
     with pytest.raises(ValueError, match="ZeRO stage 3 partitions the parameters.*use stage 2"):
-        check_deepspeed(DeepSpeedStrategy(3))
-    check_deepspeed(DeepSpeedStrategy(2))
-    assert deepspeed_stage(DeepSpeedStrategy(2)) == 2 and deepspeed_stage(object()) is None
+        prepare_deepspeed(DeepSpeedStrategy(3), 8)
+    stage2 = DeepSpeedStrategy(2)
+    prepare_deepspeed(stage2, 8)
+    # Lightning would ask the round's loader for the batch size before the first round exists (seen on a GPU)
+    assert stage2.config["train_micro_batch_size_per_gpu"] == 8
+    told = DeepSpeedStrategy(2)
+    told.config["train_micro_batch_size_per_gpu"] = 4
+    prepare_deepspeed(told, 8)
+    assert told.config["train_micro_batch_size_per_gpu"] == 4  # the user's own setting stays
+    assert deepspeed_stage(stage2) == 2 and deepspeed_stage(object()) is None
 
     # A ZeRO optimizer keeps float32 master weights apart from the module's: after a client's state is
     # loaded into the module, they must follow it, and the moments must start anew.

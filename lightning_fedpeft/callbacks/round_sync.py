@@ -29,7 +29,7 @@ from lightning_fedpeft.aggregation import Aggregator, ServerOptimizer
 from lightning_fedpeft.algorithm import FederatedAlgorithm, FederatedRun, configure_algorithms
 from lightning_fedpeft.callbacks.client_data import ClientData
 from lightning_fedpeft.callbacks.round_log import RoundLog
-from lightning_fedpeft.callbacks.zero_reset import check_deepspeed, deepspeed_stage, reset_zero_optimizer
+from lightning_fedpeft.callbacks.zero_reset import deepspeed_stage, prepare_deepspeed, reset_zero_optimizer
 from lightning_fedpeft.checkpoint import AtomicCheckpointIO
 from lightning_fedpeft.cost import CostModel
 from lightning_fedpeft.devices import check_precision
@@ -154,9 +154,9 @@ class RoundSync(Callback):
                 f"client process, on its own LOCAL_RANK GPU)"
             )
         check_precision(str(trainer.precision), trainer.strategy.root_device)
-        check_deepspeed(trainer.strategy)
         channel = self.launcher
         self._data = data = ClientData.take_over(trainer, pl_module, self.num_clients, channel, self.seed, RoundSync)
+        prepare_deepspeed(trainer.strategy, data.batch_size)
         run = FederatedRun(
             trainer=trainer,
             pl_module=pl_module,

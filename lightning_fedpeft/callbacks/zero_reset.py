@@ -8,7 +8,8 @@ this, the next step would write the previous client's weights back), and the inn
 are dropped (torch's and DeepSpeed's Adam rebuild them at the next step, as for a new optimizer).
 
 ZeRO stage 3 partitions the parameters themselves, so the in-place state swap cannot see them: it is
-refused when fit sets up.
+refused when fit sets up. Found on a GPU (bench/gpu.py): Lightning's strategy asks the data for its batch
+size before the first round is open; RoundSync tells it instead (:func:`prepare_deepspeed`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,18 @@ def deepspeed_stage(strategy: Any) -> int | None:
     return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
-def check_deepspeed(strategy: Any) -> None:
-    """Refuse ZeRO stage 3, naming the setting (see the module)."""
-    if deepspeed_stage(strategy) == 3:
+def prepare_deepspeed(strategy: Any, batch_size: int) -> None:
+    """Refuse ZeRO stage 3, naming the setting (see the module); tell DeepSpeed the local batch size.
+
+    Lightning's strategy otherwise asks the training loader for it while it sets up, before the first round
+    is open (the loader is the round's: there is none yet). DeepSpeed uses it for its throughput logs only.
+    """
+    stage = deepspeed_stage(strategy)
+    if stage is None:
+        return
+    if isinstance(getattr(strategy, "config", None), dict):
+        strategy.config.setdefault("train_micro_batch_size_per_gpu", batch_size)
+    if stage == 3:
         raise ValueError(
             "trainer.strategy: DeepSpeed ZeRO stage 3 partitions the parameters that RoundSync swaps per client; "
             "use stage 2 (deepspeed_stage_2, or deepspeed_stage_2_offload for a client whose optimizer state "

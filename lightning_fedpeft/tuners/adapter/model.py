@@ -86,7 +86,9 @@ class AdapterInjection:
             ) from err
         ref = target.weight
         adapter = BottleneckAdapter(self.model.config.hidden_size, width, generator=generator)
-        parent.add_module("adapter", adapter.to(device=ref.device, dtype=ref.dtype))
+        # A quantized projection's weight is packed integers: the adapter then keeps float32 weights.
+        dtype = ref.dtype if ref.is_floating_point() else torch.float32
+        parent.add_module("adapter", adapter.to(device=ref.device, dtype=dtype))
         self.parents[idx] = parent
         self.handles[idx] = target.register_forward_hook(_apply_adapter(parent))
 
