@@ -117,10 +117,6 @@ class Bench:
     def accelerator(self) -> str:
         return "gpu" if self.cuda else "cpu"
 
-    def half(self) -> str:
-        """The half-precision recipe on this device (bf16 on a GPU; bf16 on the CPU too, for the dry run)."""
-        return "bf16-mixed"
-
     def reset_memory(self) -> None:
         gc.collect()  # a finished Trainer and its module hold GPU memory until their cycles are collected
         if self.cuda:
@@ -502,7 +498,7 @@ def section_qlora8b(bench: Bench) -> dict:
     return row
 
 
-def instruction_data(bench: Bench, folder: Path, rows: int = 400) -> Path:
+def instruction_data(bench: Bench, rows: int = 400) -> Path:
     """A JSONL of instruction pairs in the word-level tokenizer's words (an intent-like task)."""
     gen = torch.Generator().manual_seed(0)
     path = bench.work / "instructions.jsonl"
@@ -536,7 +532,7 @@ def small_decoder(bench: Bench) -> Path:
 
 def section_ranks(bench: Bench) -> dict:
     folder = small_decoder(bench)
-    data = instruction_data(bench, folder)
+    data = instruction_data(bench)
     rounds = 3
     common = [
         "fit", f"--model.model_name_or_path={folder}", "--model.task=causal_lm", "--model.method=lora",
@@ -586,7 +582,7 @@ def section_equivalence(bench: Bench) -> dict:
     from lightning_fedpeft import FederatedTextDataModule
 
     folder = small_decoder(bench)
-    data_file = instruction_data(bench, folder)
+    data_file = instruction_data(bench)
 
     def run(accelerator: str, precision: str) -> list[float]:
         data = FederatedTextDataModule(

@@ -11,6 +11,13 @@ from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
 from lightning_fedpeft.rounds import bucket_by_length, client_batches
 
 
+def _clinc(tokenizer: str, cache_dir: str, **settings: Any) -> FederatedTextDataModule:
+    """CLINC150 requests as instructions (prompts of many lengths), 48 tokens at most, on the tiny decoder."""
+    defaults = {"task": "causal_lm", "corpus": "clinc", "tokenizer": tokenizer, "max_length": 48}
+    defaults |= {"partitioner": "iid", "max_train_examples": 96, "max_val_examples": 8, "max_test_examples": 8}
+    return FederatedTextDataModule(**(defaults | {"cache_dir": cache_dir} | settings))
+
+
 def _padding(batches: list[list[int]], lengths: list[int]) -> int:
     """Pad tokens the batches hold (every row padded to its batch's longest)."""
     return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
@@ -44,18 +51,7 @@ def test_a_bucket_is_sorted_longest_first_then_the_batches_are_shuffled() -> Non
 
 
 def test_bucketing_leaves_the_summed_response_loss_unchanged(tiny_llama: str, cache_dir: str) -> None:
-    data = FederatedTextDataModule(
-        task="causal_lm",
-        corpus="clinc",
-        tokenizer=tiny_llama,
-        max_length=48,
-        num_clients=1,
-        partitioner="iid",
-        max_train_examples=64,
-        max_val_examples=8,
-        max_test_examples=8,
-        cache_dir=cache_dir,
-    )
+    data = _clinc(tiny_llama, cache_dir, num_clients=1, max_train_examples=64)
     data.setup()
     dataset = data.datasets["train"]
     lengths = dataset.lengths()
@@ -91,20 +87,7 @@ class _PaddingCount(pl.Callback):
 
 def test_the_data_module_setting_buckets_roundsyncs_batches(tiny_llama: str, cache_dir: str, trainer_factory) -> None:
     def a_round(length_bucketing: bool) -> tuple[int, float]:
-        data = FederatedTextDataModule(
-            task="causal_lm",
-            corpus="clinc",
-            tokenizer=tiny_llama,
-            max_length=48,
-            num_clients=2,
-            partitioner="iid",
-            max_train_examples=96,
-            max_val_examples=8,
-            max_test_examples=8,
-            batch_size=4,
-            cache_dir=cache_dir,
-            length_bucketing=length_bucketing,
-        )
+        data = _clinc(tiny_llama, cache_dir, num_clients=2, batch_size=4, length_bucketing=length_bucketing)
         torch.manual_seed(0)
         module = FedPEFTModule(tiny_llama, task="causal_lm", method="lora", rank=4)
         count = _PaddingCount()
