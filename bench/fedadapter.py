@@ -103,8 +103,8 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
         callbacks = [sync]
         limit_val = 1.0
 
-        def clock() -> float:
-            return sync.sim_time_s / 3600.0
+        def clock() -> float:  # the cost model's clock after the last round (read once fit is over)
+            return float(sync.history[-1]["sim_time_h"]) if sync.history else 0.0
 
     trainer = pl.Trainer(
         max_epochs=rounds,

@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -62,7 +63,10 @@ class FedPEFTCLI(LightningCLI):
             }
         except ValueError as err:
             _exit_with(err, 2)
-        trainer = super()._instantiate_trainer(config, callbacks)
+        try:
+            trainer = super()._instantiate_trainer(config, callbacks)
+        except MisconfigurationException as err:  # a Trainer setting Lightning refuses (max_epochs=-5 ...)
+            _exit_with(ValueError(f"trainer: {err}"), 2)
         _resumable(trainer)
         return trainer
 

@@ -62,10 +62,11 @@ def test_median_and_trimmed_mean_by_hand() -> None:
 
 def test_norm_bounded_clips_each_change_then_weights_by_examples() -> None:
     updates = _updates([3.0, 4.0, 0.0], [0.0, 0.0, 1.0], examples=[1, 3])  # norms 5 and 1
-    out = _bound(NormBounded(max_norm=2.0), 2).combine(0, GLOBAL, updates)["w"]
+    rule = _bound(NormBounded(max_norm=2.0), 2)
+    out = rule.combine(0, GLOBAL, updates)["w"]
     # Client 0 scaled to norm 2: [1.2, 1.6, 0]; client 1 kept. Weights 1/4 and 3/4.
     torch.testing.assert_close(out, torch.tensor([0.3, 0.4, 0.75]))
-    assert NormBounded(max_norm=2.0).metrics() == {"clipped_clients": 0.0}
+    assert rule.metrics() == {"clipped_clients": 1.0}  # the rule that clipped says how many it clipped
 
 
 def test_server_optimizers_by_hand() -> None:
@@ -208,11 +209,12 @@ def test_combinations_a_strategy_cannot_run_are_refused_before_training(stackove
         with pytest.raises(SetupError, match=message):
             trainer_factory(max_epochs=3, callbacks=[sync, ProgressiveUpgrade()]).fit(adapter, datamodule=data)
     # A robust rule does work with both (it only changes how updates are combined).
-    trainer = trainer_factory(
-        max_epochs=4,
-        callbacks=[
-            RoundSync(clients_per_round=3, aggregator=TrimmedMean(1)),
-            RankAllocation(warmup_rounds=1, final_rounds=1),
-        ],
-    )
+    sync = RoundSync(clients_per_round=3, aggregator=TrimmedMean(1))
+    allocation = RankAllocation(target_rank=1.0, warmup_rounds=1, final_rounds=1)
+    trainer = trainer_factory(max_epochs=4, callbacks=[sync, allocation])
     trainer.fit(FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method="svd", rank=2), datamodule=data)
+    assert len(sync.history) == 4 and sync.history[-1]["active_ranks"] < sync.history[0]["active_ranks"]
+    sync = RoundSync(clients_per_round=3, cost_model=CostModel("tx2"), aggregator=TrimmedMean(1))  # 2 groups x 3
+    upgrade = ProgressiveUpgrade(window_rounds=1, candidates=["shallow", "deeper"])
+    trainer_factory(max_epochs=4, callbacks=[sync, upgrade]).fit(adapter, datamodule=data)
+    assert len(sync.history) == 4 and upgrade.decisions  # trial windows ran and decided under the robust rule

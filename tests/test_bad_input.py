@@ -74,3 +74,13 @@ def test_max_sim_hours_needs_a_cost_model_and_a_positive_budget() -> None:
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match=r"federation\.max_sim_hours=.* must be a positive number of hours"):
             RoundSync(clients_per_round=2, cost_model=CostModel("tx2"), max_sim_hours=bad)
+
+
+def test_a_trainer_setting_lightning_refuses_is_one_line_too(capsys: pytest.CaptureFixture) -> None:
+    from lightning_fedpeft.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["--trainer.max_epochs=-5", "--data.corpus=stackoverflow"], run=False)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_epochs" in err[0] and "-5" in err[0], err

