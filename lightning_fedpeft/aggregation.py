@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from lightning_fedpeft.protocol import ClientUpdate, TrainableState
+from lightning_fedpeft.seeds import SEED_SCALE, derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 class Aggregator:
     """How a round's accepted updates become the combined state (before any server optimizer)."""
 
-    name = "aggregator"
     private = False  # adds noise for differential privacy (strategies may refuse it)
 
     def bind(self, clients_per_round: int, num_clients: int, seed: int) -> None:
@@ -77,8 +77,6 @@ def _weights(updates: Sequence[ClientUpdate]) -> list[float]:
 class WeightedMean(Aggregator):
     """FedAvg: ``sum_k n_k w_k / sum_k n_k`` over the trainable state (float64 accumulation)."""
 
-    name = "mean"
-
     def combine(self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]) -> TrainableState:
         weights = _weights(updates)
         out: TrainableState = {}
@@ -98,8 +96,6 @@ class CoordinateMedian(Aggregator):
     """The coordinate-wise median over the clients (unweighted; the mean of the two middle values when
     their number is even, so the result does not depend on the clients' order)."""
 
-    name = "median"
-
     def combine(self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]) -> TrainableState:
         out: TrainableState = {}
         for name, ref in global_state.items():
@@ -116,8 +112,6 @@ class TrimmedMean(Aggregator):
     Args:
         trim: values dropped at each end, per coordinate; tolerates that many poisoned clients a round.
     """
-
-    name = "trimmed_mean"
 
     def __init__(self, trim: int = 1) -> None:
         if trim < 1:
@@ -159,8 +153,6 @@ class NormBounded(Aggregator):
     """Each client's change from the global state clipped to ``max_norm`` (L2, over the whole state), then
     the sample-weighted mean: one client cannot move the model by more than its share of ``max_norm``."""
 
-    name = "norm_bounded"
-
     def __init__(self, max_norm: float = 1.0) -> None:
         if not (math.isfinite(max_norm) and max_norm > 0):
             raise ValueError(f"federation.aggregator.max_norm={max_norm} must be a positive number")
@@ -197,7 +189,6 @@ class DPGaussian(Aggregator):
     clients), as the default strategy draws them; a strategy that picks otherwise refuses this rule.
     """
 
-    name = "dp_gaussian"
     private = True
 
     def __init__(
@@ -256,7 +247,7 @@ class DPGaussian(Aggregator):
         changes, norms = _clipped_changes(global_state, updates, self.clip_norm)
         self._clipped = float(sum(norm > self.clip_norm for norm in norms))
         std = self.noise_multiplier * self.clip_norm / self.clients_per_round
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_idx * 7_919 + 17)
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, round_idx, 17, scales=(SEED_SCALE, 7_919, 1)))
         out: TrainableState = {}
         for name, ref in global_state.items():
             total = sum((change[name] for change in changes), torch.zeros(ref.shape, dtype=torch.float64))
@@ -295,8 +286,6 @@ class DPGaussian(Aggregator):
 
 class ServerOptimizer:
     """A step on the server from the global state along the pseudo-gradient ``Δ = combined - global``."""
-
-    name = "server_optimizer"
 
     def __init__(self, lr: float) -> None:
         if not (math.isfinite(lr) and lr > 0):
@@ -381,7 +370,3 @@ class FedAdagrad(_Adaptive):
 
     def _second_moment(self, v: torch.Tensor, squared: torch.Tensor) -> None:
         v.add_(squared)
-
-
-AGGREGATORS = (WeightedMean, CoordinateMedian, TrimmedMean, NormBounded, DPGaussian)
-SERVER_OPTIMIZERS = (FedAvgM, FedAdam, FedYogi, FedAdagrad)

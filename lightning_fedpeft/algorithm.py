@@ -44,8 +44,6 @@ class FederatedRun:
     clients_per_round: int
     num_clients: int
     seed: int
-    is_server: bool  # this process hosts the server (and answers the strategy's queries)
-    world_size: int
     cost_model: CostModel | None
     algorithms: tuple[FederatedAlgorithm, ...]
     sample_batch: Callable[[], dict[str, torch.Tensor]]  # a training batch of the usual size

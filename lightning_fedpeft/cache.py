@@ -125,10 +125,6 @@ class ActivationCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
-
     def invalidate_above(self, boundary: int) -> int:
         """Drop entries cached for a boundary above ``boundary`` (the trained depth grew); return how many."""
         stale = [k for k in self._entries if k[0] > boundary]

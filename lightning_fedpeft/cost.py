@@ -262,11 +262,6 @@ def _signature(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def round_seconds(clients: Sequence[Mapping[str, float]]) -> float:
-    """A round lasts as long as its slowest participant (compute + download + upload)."""
-    return max((float(c.get("sim_round_s", 0.0)) for c in clients), default=0.0)
-
-
 # -- calibration against the published Jetson TX2 table -------------------------------------------------
 # FedAdapter paper, Jetson TX2, BERT-base, batch 4, sequence 256: seconds per batch at trainable depth 0..12.
 TX2_TABLE: dict[str, list[float]] = {

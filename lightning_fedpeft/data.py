@@ -104,16 +104,6 @@ def _column(columns: list[str], path: Path, setting: str, column: str) -> None:
         )
 
 
-def read_table(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    """Read texts and labels from a JSONL, TSV or CSV file (see :func:`read_records`)."""
-    columns, rows = read_records(path)
-    for setting, column in (("text_column", text_column), ("label_column", label_column)):
-        _column(columns, path, setting, column)
-    if not rows:
-        raise ValueError(f"{path} has no data rows")
-    return [row[text_column] for row in rows], [row[label_column].strip() for row in rows]
-
-
 def read_instructions(path: Path, prompt_column: str, response_column: str) -> tuple[list[str], list[str], list[dict]]:
     """Prompts and responses from a JSONL, TSV or CSV file: two named columns, or the Alpaca layout.
 

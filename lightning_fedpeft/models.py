@@ -43,10 +43,7 @@ _GPT2 = ("c_attn", "c_proj", "c_fc")
 ARCHITECTURE_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "bert": (DEFAULT_LORA_TARGETS, DEFAULT_SVD_TARGETS),
     "mpnet": (("attn.q", "attn.v"), ("attn.q", "attn.k", "attn.v", "attn.o", "intermediate.dense", "output.dense")),
-    **{
-        kind: (_LLAMA_STYLE, _LLAMA_STYLE)
-        for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
-    },
+    **{kind: (_LLAMA_STYLE, _LLAMA_STYLE) for kind in LLAMA_STYLE_TYPES},
     "gpt2": (_GPT2, _GPT2),
 }
 # Where a decoder layer's feed-forward output is (adapters go after it), by model type.

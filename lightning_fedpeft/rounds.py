@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Sampler
 
 from lightning_fedpeft.protocol import ClientContext, ClientResult, ClientUpdate, RoundTicket, TrainableState
+from lightning_fedpeft.seeds import derived_seed
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class ClientSegment:
 
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:
     """A seed for one client's work in one round (its batch order and its dropout)."""
-    return (seed * 1_000_003 + round_idx * 10_007 + client_id) % (2**63 - 1)
+    return derived_seed(seed, round_idx, client_id) % (2**63 - 1)
 
 
 def check_local_work(local_epochs: Any, local_steps: Any, where: str) -> None:

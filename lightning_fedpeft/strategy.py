@@ -20,6 +20,7 @@ import torch
 
 from lightning_fedpeft.aggregation import Aggregator, ServerOptimizer, WeightedMean
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
+from lightning_fedpeft.seeds import SEED_SCALE, derived_seed
 
 
 class Query:
@@ -65,7 +66,7 @@ class Strategy:
         same participants for the same round.
         """
         self.validate(num_clients)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_idx)
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, round_idx, scales=(SEED_SCALE, 1)))
         chosen = torch.randperm(num_clients, generator=gen)[: self.clients_per_round]
         return RoundPlan(round=round_idx, client_ids=sorted(chosen.tolist()))
 

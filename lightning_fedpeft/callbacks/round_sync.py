@@ -163,8 +163,6 @@ class RoundSync(Callback):
             clients_per_round=self.clients_per_round,
             num_clients=data.num_clients,
             seed=self.seed,
-            is_server=channel.is_server,
-            world_size=channel.world_size,
             cost_model=self.cost_model,
             algorithms=tuple(cb for cb in trainer.callbacks if isinstance(cb, FederatedAlgorithm)),
             sample_batch=data.sample_batch,

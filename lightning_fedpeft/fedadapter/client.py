@@ -24,6 +24,7 @@ from lightning_fedpeft.fedadapter.strategy import (
     RoundCost,
     TrialGroupStrategy,
 )
+from lightning_fedpeft.seeds import derived_seed
 from lightning_fedpeft.state import state_nbytes, trainable_state
 from lightning_fedpeft.strategy import Query
 
@@ -168,7 +169,7 @@ class ProgressiveUpgrade(FederatedAlgorithm):
         """``state`` grown (function-preserving) to ``config``; the module ends in that configuration."""
         assert self._run is not None
         module.set_trainable_state(state)
-        gen = torch.Generator().manual_seed(self._run.seed * 7919 + config[0] * 131 + config[1])
+        gen = torch.Generator().manual_seed(derived_seed(self._run.seed, *config, scales=(7919, 131, 1)))
         module.resize_adapters(*config, generator=gen)
         return trainable_state(module)
 

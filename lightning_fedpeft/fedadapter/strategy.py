@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
+from lightning_fedpeft.seeds import derived_seed
 from lightning_fedpeft.strategy import FedAvg, Query, Strategy
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class TrialGroupStrategy(Strategy):
         # The groups of one window run side by side on real devices: round j of every group draws from
         # the same sample of groups x clients_per_group clients, group k taking the k-th slice.
         need = self.groups * self.clients_per_round
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.window * 10_007 + trial.done)
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, self.window, trial.done))
         chosen = torch.randperm(num_clients, generator=gen)[:need].tolist()
         k = self.phase
         clients = sorted(chosen[k * self.clients_per_round : (k + 1) * self.clients_per_round])
