@@ -9,12 +9,12 @@ for CPU tensors only.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from lightning_fedpeft.launchers.rpc import distributed_env
+from lightning_fedpeft.loading import rank_gpu
 
 
 def rank_devices(devices: Any = "auto", accelerator: Any = "auto") -> Any:
@@ -34,8 +34,7 @@ def rank_devices(devices: Any = "auto", accelerator: Any = "auto") -> Any:
         )
     wants_gpu = str(accelerator) in ("auto", "gpu", "cuda")
     if devices in ("auto", None) and wants_gpu and torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-        return [local % torch.cuda.device_count()]
+        return [rank_gpu().index]
     return devices
 
 

@@ -71,10 +71,7 @@ class BaseLoading:
     def target_device(self) -> torch.device:
         """Where the weights go (``auto``: the rank's GPU if CUDA is available, else the CPU)."""
         if self.device == "auto":
-            if not torch.cuda.is_available():
-                return torch.device("cpu")
-            local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-            return torch.device("cuda", local % torch.cuda.device_count())
+            return rank_gpu() if torch.cuda.is_available() else torch.device("cpu")
         return torch.device(self.device)
 
     def load_target(self, precision: str | None = None) -> tuple[torch.device, torch.dtype]:
@@ -143,6 +140,13 @@ class BaseLoading:
             else:
                 kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         return kwargs
+
+
+def rank_gpu() -> torch.device:
+    """This rank's GPU: ``LOCAL_RANK`` (else ``RANK``, else 0) modulo the GPUs of the node, so several ranks may
+    share one. Needs CUDA."""
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    return torch.device("cuda", local % torch.cuda.device_count())
 
 
 def auto_dtype(precision: str | None, device: torch.device) -> torch.dtype:

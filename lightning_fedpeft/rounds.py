@@ -75,9 +75,10 @@ def client_batches(
     while True:
         perm = torch.randperm(len(indices), generator=generator).tolist()
         order = [indices[i] for i in perm]
-        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         if lengths is not None:
             chunks = bucket_by_length(order, batch_size, lengths, generator)
+        else:
+            chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         for chunk in chunks:
             batches.append(chunk)
             if local_steps is not None and len(batches) == local_steps:
