@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_fedpeft.launchers.rpc import distributed_env
+from lightning_fedpeft.launchers.env import distributed_env
 from lightning_fedpeft.loading import rank_gpu
 
 

@@ -132,6 +132,19 @@ class FederatedServer:
         self._updates.append(update)
         return True
 
+    def reject(self, round_idx: int, client_id: int, reason: str) -> None:
+        """Record that ``client_id``'s update for ``round_idx`` was refused before it reached :meth:`submit`
+        (the transport found it came from the wrong sender); only a participant of the open round is noted."""
+        log.warning("round %s: rejected update from client %s: %s", round_idx, client_id, reason)
+        record = self.record
+        if record is not None and round_idx == record.round and client_id in record.participants:
+            record.rejected.setdefault(client_id, reason)
+
+    def add_round_metrics(self, metrics: dict[str, float]) -> None:
+        """Numbers the transport logs with the round just finished (e.g. the bytes RPC carried)."""
+        assert self.record is not None, "no round to add metrics to"
+        self.record.metrics.update(metrics)
+
     def _check(self, update: ClientUpdate) -> str | None:
         if self.plan is None or self.record is None or update.round != self.record.round:
             return f"round {update.round} is not open (late or early update)"

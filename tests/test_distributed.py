@@ -19,7 +19,8 @@ import yaml
 
 from lightning_fedpeft import FedAvg, FederatedServer, FederationAborted
 from lightning_fedpeft.launchers.codec import Codec
-from lightning_fedpeft.launchers.rpc import Aborted, RPCLauncher, ServerEndpoint
+from lightning_fedpeft.launchers.rpc import RPCLauncher
+from lightning_fedpeft.launchers.rpc_server import Aborted, ServerEndpoint
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan
 
 TESTS = Path(__file__).parent
@@ -371,7 +372,7 @@ def test_the_endpoint_accepts_only_the_rank_assigned_to_a_client() -> None:
     mine, theirs = fetched[0].client_ids[0], endpoint.fetch_round(0, 0)[0].client_ids[0]
 
     def submit(rank: int, client: int) -> bool:
-        return endpoint.submit(rank, ClientUpdate(client, 0, 5, {}), codec.encode({"w": torch.ones(2)}))
+        return endpoint.submit(rank, codec.encode_update(ClientUpdate(client, 0, 5, {"w": torch.ones(2)})))
 
     assert not submit(1, theirs)  # not rank 1's client
     assert not submit(7, mine)  # no such rank

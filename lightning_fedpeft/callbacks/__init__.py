@@ -1,11 +1,11 @@
 """Lightning callbacks that make a Trainer federated: RoundSync and every algorithm that runs on it."""
 
-from lightning_fedpeft.callbacks.client_resources import ClientResources
 from lightning_fedpeft.callbacks.progress import FederatedProgressBar
 from lightning_fedpeft.callbacks.round_sync import RoundSync
 from lightning_fedpeft.fedadapter import ProgressiveUpgrade
 from lightning_fedpeft.fedara import ModulePruning, RankAllocation
 from lightning_fedpeft.fedprox import FedProx
+from lightning_fedpeft.resources import ClientResources
 
 __all__ = [
     "ClientResources",

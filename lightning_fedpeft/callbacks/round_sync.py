@@ -217,9 +217,9 @@ class RoundSync(Callback):
 
     def _answer_queries(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # On the server's process only: what the strategy asks about the model, its algorithm answers.
-        owner, server = self._owner, self.launcher.server
-        if server is not None:
-            server.answer_all(None if owner is None else lambda query: owner.answer_query(query, trainer, pl_module))
+        owner = self._owner
+        answer = None if owner is None else lambda query: owner.answer_query(query, trainer, pl_module)
+        self.launcher.answer_queries(answer)
 
     # -- a round --------------------------------------------------------------------------------------
     def _round_dataloader(self) -> DataLoader:
@@ -279,8 +279,8 @@ class RoundSync(Callback):
         local = self._round
         assert local is not None
         round_idx = local.ticket.round
-        if self.launcher.close_round(round_idx) is not None:  # this process hosts the server
-            self._answer_queries(trainer, pl_module)
+        self.launcher.close_round(round_idx)  # the server's process aggregates; the others go on at once
+        self._answer_queries(trainer, pl_module)
         # A client process needs the new global state only at the end (every client of the next round
         # starts from that round's state): one state download per rank and round instead of two.
         last_epoch = trainer.max_epochs is not None and round_idx >= trainer.max_epochs - 1

@@ -17,8 +17,8 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun
-from lightning_fedpeft.callbacks.client_resources import ClientResources
 from lightning_fedpeft.fedara.strategy import IMPORTANCE, BudgetSchedule, RankAllocationStrategy
+from lightning_fedpeft.resources import ClientResources
 from lightning_fedpeft.tuners.svd import ADAPTER, layer_rank, svd_layers, triplet_keys
 
 

@@ -8,7 +8,8 @@ protocol, :class:`RoundChannel`; :func:`make_launcher` picks one from the enviro
 from lightning_fedpeft.launchers.base import MODES, FederationAborted, RoundChannel
 from lightning_fedpeft.launchers.codec import COMPRESSIONS, Codec
 from lightning_fedpeft.launchers.embedded import EmbeddedLauncher
-from lightning_fedpeft.launchers.rpc import RPCLauncher, distributed_env
+from lightning_fedpeft.launchers.env import distributed_env
+from lightning_fedpeft.launchers.rpc import RPCLauncher
 
 
 def make_launcher(

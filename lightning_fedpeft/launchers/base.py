@@ -3,7 +3,8 @@
 ``RoundSync`` (the client half, in every process) talks to the server only through a
 :class:`RoundChannel`: ``begin_round`` (which of the round's clients this process trains, their
 instructions, and the global state they start from), ``submit`` (one client's update), ``close_round``
-(the server aggregates; only on the process that hosts it, which then answers the strategy's queries),
+(the server aggregates; only on the process that hosts it), ``answer_queries`` (that process answers
+the strategy's questions about the model),
 ``finish_round`` (the new global state, and whether the run ends with it). States cross the channel
 through its :class:`~lightning_fedpeft.launchers.codec.Codec` (``federation.compression``).
 :class:`~lightning_fedpeft.launchers.embedded.EmbeddedLauncher` calls the server directly;
@@ -12,9 +13,13 @@ through its :class:`~lightning_fedpeft.launchers.codec.Codec` (``federation.comp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from lightning_fedpeft.launchers.codec import Codec
 from lightning_fedpeft.protocol import ClientUpdate, RoundOutcome, RoundRecord, RoundTicket, TrainableState
 from lightning_fedpeft.server import FederatedServer
+from lightning_fedpeft.strategy import Query
 
 MODES: tuple[str, ...] = ("simulation", "real")
 
@@ -63,6 +68,12 @@ class RoundChannel:
     def close_round(self, round_idx: int) -> RoundRecord | None:
         """On the server's process: wait for the round's updates and aggregate them. ``None`` elsewhere."""
         raise NotImplementedError
+
+    def answer_queries(self, answer: Callable[[Query], Any] | None) -> None:
+        """On the server's process: answer the strategy's questions about the model with ``answer`` (between
+        ``close_round`` and ``finish_round``, and once at the start). Elsewhere nothing is asked."""
+        if self.server is not None:
+            self.server.answer_all(answer)
 
     def finish_round(self, round_idx: int, state_needed: bool = True) -> RoundOutcome:
         """The round's outcome: published by the server's process (after its queries), fetched by the others.

@@ -7,16 +7,21 @@ starting state for the download, the state the client received for the upload), 
 the difference ``state - reference``: quantizing pre-trained weights themselves each round (embeddings,
 layer norms) destroys them, while their change is small and quantizes well. A tensor whose reference has
 another shape (the configuration changed) is sent as its values.
+
+A client's whole update goes through :meth:`Codec.encode_update`: its state as above, and the tensors an
+algorithm sends beside it (FedARA's importance per triplet) always as their values: they are small, and
+their exact order is what the server acts on. This is also the one place that checks that what leaves a
+process is on the CPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from lightning_fedpeft.protocol import TrainableState
+from lightning_fedpeft.protocol import ClientUpdate, TrainableState
 from lightning_fedpeft.state import require_host
 
 COMPRESSIONS: tuple[str, ...] = ("none", "int8")
@@ -39,6 +44,20 @@ class WireState:
     nbytes: int
 
 
+@dataclass
+class WireUpdate:
+    """A client's update as sent: its numbers as they are, its state encoded, the tensors beside it as values."""
+
+    update: ClientUpdate  # client, round, examples and metrics; its state and tensors travel below
+    state: WireState
+    tensors: WireState
+
+    @property
+    def nbytes(self) -> int:
+        """What the update's tensors take on the wire."""
+        return self.state.nbytes + self.tensors.nbytes
+
+
 class Codec:
     """Encodes states for the wire and decodes them on arrival (see the module docstring)."""
 
@@ -52,6 +71,22 @@ class Codec:
     ) -> WireState:
         """``state`` as it goes on the wire."""
         require_host(state, "tensor")
+        return self._encode(state, reference)
+
+    def encode_update(self, update: ClientUpdate, reference: Mapping[str, torch.Tensor] | None = None) -> WireUpdate:
+        """``update`` as it goes on the wire; ``reference``: the state the client received."""
+        require_host(update.state, "tensor")
+        require_host(update.tensors, "tensor beside the state")
+        tensors = {name: WireTensor(t) for name, t in update.tensors.items()}
+        nbytes = sum(t.numel() * t.element_size() for t in update.tensors.values() if isinstance(t, torch.Tensor))
+        side = WireState(tensors, nbytes)  # a non-tensor is refused by the server, naming it
+        return WireUpdate(replace(update, state={}, tensors={}), self._encode(update.state, reference), side)
+
+    def decode_update(self, wire: WireUpdate, reference: Mapping[str, torch.Tensor] | None = None) -> ClientUpdate:
+        """The update the server gets from ``wire`` (``reference``: the state the client received)."""
+        return replace(wire.update, state=self.decode(wire.state, reference), tensors=self.decode(wire.tensors))
+
+    def _encode(self, state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None) -> WireState:
         out: dict[str, WireTensor] = {}
         nbytes = 0
         for name, tensor in state.items():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from lightning_fedpeft.launchers.base import RoundChannel
 from lightning_fedpeft.protocol import ClientUpdate, RoundOutcome, RoundRecord, RoundTicket, TrainableState
 from lightning_fedpeft.server import FederatedServer
@@ -32,8 +30,8 @@ class EmbeddedLauncher(RoundChannel):
 
     def submit(self, update: ClientUpdate) -> bool:
         assert self.server is not None
-        wire = self.codec.encode(update.state, self._sent)
-        return self.server.submit(replace(update, state=self.codec.decode(wire, self._sent)), wire.nbytes)
+        wire = self.codec.encode_update(update, self._sent)
+        return self.server.submit(self.codec.decode_update(wire, self._sent), wire.nbytes)
 
     def close_round(self, round_idx: int) -> RoundRecord | None:
         assert self.server is not None
