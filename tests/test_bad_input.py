@@ -84,3 +84,19 @@ def test_a_trainer_setting_lightning_refuses_is_one_line_too(capsys: pytest.Capt
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "max_epochs" in err[0] and "-5" in err[0], err
+
+
+def test_the_transport_settings_are_checked_and_defaulted_in_one_place() -> None:
+    import inspect
+
+    from lightning_fedpeft.launchers import TransportConfig
+
+    with pytest.raises(ValueError, match=r"federation\.heartbeat_s=90 must be below federation\.liveness_timeout_s=60"):
+        RoundSync(heartbeat_s=90)
+    with pytest.raises(ValueError, match=r"federation\.wait_timeout_s=0 must be a positive number"):
+        RoundSync(wait_timeout_s=0)
+    assert RoundSync(heartbeat_s=1, liveness_timeout_s=3) is not None  # a faster beat for a shorter timeout
+    defaults = TransportConfig()
+    parameters = inspect.signature(RoundSync).parameters
+    for name in ("mode", "compression", "round_deadline_s", "liveness_timeout_s", "wait_timeout_s", "heartbeat_s"):
+        assert parameters[name].default == getattr(defaults, name), name

@@ -140,6 +140,7 @@ def _valid(name: str, value: Any) -> bool:
         "federation.max_sim_hours": lambda v: v is None,  # the tiny config has no cost model
         "federation.compression": lambda v: v in ("none", "int8"),
         "federation.mode": lambda v: v == "simulation",  # one process
+        "federation.heartbeat_s": lambda v: number and 0 < v < 60,  # below liveness_timeout_s (60 s)
         "data.alpha": lambda v: number and math.isfinite(v) and v > 0,
         "data.max_length": lambda v: isinstance(v, int) and v >= 8,
         "model.lr": lambda v: number and math.isfinite(v) and v > 0,
@@ -156,6 +157,7 @@ VALUES = {
     "federation.max_sim_hours": st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
     "federation.compression": st.sampled_from(["none", "int8", "zip", ""]),
     "federation.mode": st.sampled_from(["simulation", "real", "simulated"]),
+    "federation.heartbeat_s": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 90)),
     "data.alpha": st.floats(allow_nan=True, allow_infinity=True),
     "data.max_length": st.integers(-4, 64),
     "model.lr": st.floats(allow_nan=True, allow_infinity=True),

@@ -34,12 +34,14 @@ from lightning_fedpeft.checkpoint import AtomicCheckpointIO
 from lightning_fedpeft.cost import CostModel
 from lightning_fedpeft.devices import check_precision
 from lightning_fedpeft.errors import SetupError
-from lightning_fedpeft.launchers import FederationAborted, RoundChannel, make_launcher
+from lightning_fedpeft.launchers import FederationAborted, RoundChannel, TransportConfig, make_launcher
 from lightning_fedpeft.protocol import TrainableState
 from lightning_fedpeft.rounds import LocalRound, check_local_work, client_seed
 from lightning_fedpeft.server import FederatedServer
 from lightning_fedpeft.state import host_trainable_state, load_trainable_state, to_host
 from lightning_fedpeft.strategy import Strategy
+
+TRANSPORT = TransportConfig()  # the transport's defaults, written once (launchers/settings.py)
 
 
 class RoundSync(Callback):
@@ -56,16 +58,15 @@ class RoundSync(Callback):
             the last round (``trainer.max_epochs`` or ``max_sim_hours``) whatever its number.
         strategy: the server strategy; default: the one an algorithm callback brings, else FedAvg.
         seed: seeds the choice of participants, the local shuffles and each client's dropout.
-        mode: with several processes: ``simulation`` (the round's virtual clients are dealt to the ranks)
-            or ``real`` (each rank is one client with its own data). Ignored in one process.
-        round_deadline_s / liveness_timeout_s / wait_timeout_s: fault handling of the multi-process
-            runtime (see :class:`~lightning_fedpeft.launchers.RPCLauncher`).
+        mode / compression / round_deadline_s / liveness_timeout_s / wait_timeout_s / heartbeat_s: the
+            transport (several processes: ``simulation`` or ``real``; the codec ``none`` or ``int8``; fault
+            handling of the multi-process runtime), checked and documented, with their defaults, in
+            :class:`~lightning_fedpeft.launchers.TransportConfig`.
         launcher: where the server lives and which clients this process hosts. Default: torch.distributed
             RPC when ``WORLD_SIZE`` > 1 is set (torchrun), else this process hosts the server and all clients.
         cost_model: if set, clients count their simulated compute on edge devices and the server their
             transfers; every round logs ``sim_round_s`` (its slowest participant) and the clock
             ``sim_time_h`` (see :mod:`lightning_fedpeft.cost`). Needs a Hugging Face model at ``pl_module.model``.
-        compression: ``none`` or ``int8``, the transport's codec (see :mod:`lightning_fedpeft.launchers.codec`).
         max_sim_hours: if set (needs ``cost_model``), end ``fit`` after the first round at which the simulated
             clock reaches this many hours, on every process alike; ``trainer.max_epochs`` stays a cap. A
             strategy that runs multi-round trials (FedAdapter) ends only at a decision.
@@ -84,16 +85,17 @@ class RoundSync(Callback):
         eval_every: int = 1,
         strategy: Strategy | None = None,
         seed: int = 0,
-        mode: str = "simulation",
-        round_deadline_s: float = 600.0,
-        liveness_timeout_s: float = 60.0,
-        wait_timeout_s: float = 1800.0,
+        mode: str = TRANSPORT.mode,
+        round_deadline_s: float = TRANSPORT.round_deadline_s,
+        liveness_timeout_s: float = TRANSPORT.liveness_timeout_s,
+        wait_timeout_s: float = TRANSPORT.wait_timeout_s,
         launcher: RoundChannel | None = None,
         cost_model: CostModel | None = None,
-        compression: str = "none",
+        compression: str = TRANSPORT.compression,
         max_sim_hours: float | None = None,
         aggregator: Aggregator | None = None,
         server_optimizer: ServerOptimizer | None = None,
+        heartbeat_s: float = TRANSPORT.heartbeat_s,
     ) -> None:
         super().__init__()
         for name, value in (("clients_per_round", clients_per_round), ("eval_every", eval_every)):
@@ -109,8 +111,16 @@ class RoundSync(Callback):
         self.local_epochs, self.local_steps, self.eval_every = local_epochs, local_steps, eval_every
         self.cost_model, self.max_sim_hours = cost_model, max_sim_hours
         self.aggregator, self.server_optimizer = aggregator, server_optimizer
-        timeouts = (round_deadline_s, liveness_timeout_s, wait_timeout_s)
-        self.launcher = launcher or make_launcher(mode, *timeouts, compression=compression)
+        # Checked even when a launcher is given: a bad setting is refused either way.
+        transport = TransportConfig(
+            mode=mode,
+            compression=compression,
+            round_deadline_s=round_deadline_s,
+            liveness_timeout_s=liveness_timeout_s,
+            wait_timeout_s=wait_timeout_s,
+            heartbeat_s=heartbeat_s,
+        )
+        self.launcher = launcher or make_launcher(transport)
         self._given_strategy = strategy
         self.strategy: Strategy | None = strategy  # the run's strategy, known once fit has set up
         self.algorithms: tuple[FederatedAlgorithm, ...] = ()

@@ -21,8 +21,6 @@ from lightning_fedpeft.protocol import ClientUpdate, RoundOutcome, RoundRecord, 
 from lightning_fedpeft.server import FederatedServer
 from lightning_fedpeft.strategy import Query
 
-MODES: tuple[str, ...] = ("simulation", "real")
-
 
 class FederationAborted(RuntimeError):
     """The federation stopped because a process failed; the message says which one and why."""

@@ -35,10 +35,11 @@ from __future__ import annotations
 import torch.distributed.rpc as rpc
 
 from lightning_fedpeft.launchers.alarm import MainThreadAlarm
-from lightning_fedpeft.launchers.base import MODES, RoundChannel
+from lightning_fedpeft.launchers.base import RoundChannel
 from lightning_fedpeft.launchers.env import distributed_env
 from lightning_fedpeft.launchers.rpc_client import ClientSide, worker_name
 from lightning_fedpeft.launchers.rpc_server import ServerSide
+from lightning_fedpeft.launchers.settings import TransportConfig
 from lightning_fedpeft.protocol import ClientUpdate, RoundOutcome, RoundRecord, RoundTicket, TrainableState
 from lightning_fedpeft.server import FederatedServer
 
@@ -47,35 +48,13 @@ class RPCLauncher(RoundChannel):
     """Rounds over torch.distributed RPC. Rank, world size, address and port come from the environment.
 
     Args:
-        mode: ``simulation`` (virtual clients dealt to ranks) or ``real`` (client id = rank).
-        round_deadline_s: the server closes a round this long after opening it, with what arrived.
-        liveness_timeout_s: a rank silent this long is treated as gone.
-        wait_timeout_s: how long a client rank waits for the server to open or close a round before it
-            gives up (covers the server's validation between rounds).
-        heartbeat_s: how often client ranks tell the server they are alive.
-        compression: the codec of states on the wire (see :mod:`~lightning_fedpeft.launchers.codec`).
+        transport: the mode, the codec and the fault-handling timers, checked
+            (:class:`~lightning_fedpeft.launchers.settings.TransportConfig`; its defaults if unset).
     """
 
-    def __init__(
-        self,
-        mode: str = "simulation",
-        round_deadline_s: float = 600.0,
-        liveness_timeout_s: float = 60.0,
-        wait_timeout_s: float = 1800.0,
-        heartbeat_s: float = 2.0,
-        compression: str = "none",
-    ) -> None:
-        super().__init__(compression)
-        if mode not in MODES:
-            raise ValueError(f"federation.mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
-        for name, value in (
-            ("round_deadline_s", round_deadline_s),
-            ("liveness_timeout_s", liveness_timeout_s),
-            ("wait_timeout_s", wait_timeout_s),
-            ("heartbeat_s", heartbeat_s),
-        ):
-            if not value > 0:
-                raise ValueError(f"federation.{name}={value} must be positive")
+    def __init__(self, transport: TransportConfig | None = None) -> None:
+        transport = transport or TransportConfig()
+        super().__init__(transport.compression)
         env = distributed_env()
         if env is None:
             raise ValueError(
@@ -83,25 +62,15 @@ class RPCLauncher(RoundChannel):
                 "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT on every process)"
             )
         self.rank, self.world_size = env
-        self.mode = mode
-        self.round_deadline_s = round_deadline_s
-        self.liveness_timeout_s = liveness_timeout_s
-        self.wait_timeout_s = wait_timeout_s
-        self.heartbeat_s = heartbeat_s
+        self.transport = transport
+        self.mode = transport.mode
+        self.wait_timeout_s = transport.wait_timeout_s
         self._alarm = MainThreadAlarm()
         # The role, picked once: rank 0 hosts the server, every other rank calls it.
         self.side: ServerSide | ClientSide = (
-            ServerSide(
-                self.world_size,
-                mode,
-                round_deadline_s,
-                liveness_timeout_s,
-                wait_timeout_s,
-                heartbeat_s,
-                self._alarm,
-            )
+            ServerSide(self.world_size, transport, self._alarm)
             if self.rank == 0
-            else ClientSide(self.rank, wait_timeout_s, heartbeat_s, self._alarm)
+            else ClientSide(self.rank, transport.wait_timeout_s, transport.heartbeat_s, self._alarm)
         )
         self._started = False
         self._reference: TrainableState = {}

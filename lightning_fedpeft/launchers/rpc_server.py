@@ -21,6 +21,7 @@ from typing import Any
 from lightning_fedpeft.launchers.alarm import MainThreadAlarm
 from lightning_fedpeft.launchers.base import FederationAborted
 from lightning_fedpeft.launchers.codec import Codec, WireState, WireUpdate
+from lightning_fedpeft.launchers.settings import TransportConfig
 from lightning_fedpeft.protocol import RoundOutcome, RoundRecord, RoundTicket, TrainableState
 from lightning_fedpeft.server import FederatedServer
 from lightning_fedpeft.state import state_nbytes
@@ -290,27 +291,16 @@ def remote_goodbye(rank: int) -> None:
 class ServerSide:
     """Rank 0's role: hosts the endpoint; its own clients call it directly (no RPC)."""
 
-    def __init__(
-        self,
-        world_size: int,
-        mode: str,
-        round_deadline_s: float,
-        liveness_timeout_s: float,
-        wait_timeout_s: float,
-        heartbeat_s: float,
-        alarm: MainThreadAlarm,
-    ) -> None:
-        self.world_size, self.mode = world_size, mode
-        self.round_deadline_s, self.liveness_timeout_s = round_deadline_s, liveness_timeout_s
-        self.wait_timeout_s, self.heartbeat_s = wait_timeout_s, heartbeat_s
-        self.alarm = alarm
+    def __init__(self, world_size: int, transport: TransportConfig, alarm: MainThreadAlarm) -> None:
+        self.world_size, self.transport, self.alarm = world_size, transport, alarm
         self.endpoint: ServerEndpoint | None = None
 
     def host(self, server: FederatedServer, codec: Codec, reference: TrainableState, first_round: int) -> None:
         """Put the server behind an endpoint the other ranks can call (before ``init_rpc``, their barrier)."""
         global _ENDPOINT
+        t = self.transport
         endpoint = ServerEndpoint(
-            server, codec, reference, self.world_size, self.mode, self.round_deadline_s, self.liveness_timeout_s
+            server, codec, reference, self.world_size, t.mode, t.round_deadline_s, t.liveness_timeout_s
         )
         endpoint.on_abort = self.alarm.ring
         endpoint.first_round = first_round
@@ -344,7 +334,8 @@ class ServerSide:
         global _ENDPOINT
         if self.endpoint is not None:
             aborted = self.endpoint.aborted is not None
-            self.endpoint.wait_for_goodbyes(self.heartbeat_s * 5 + 5 if aborted else self.wait_timeout_s)
+            t = self.transport
+            self.endpoint.wait_for_goodbyes(t.heartbeat_s * 5 + 5 if aborted else t.wait_timeout_s)
         _ENDPOINT = None
 
 
