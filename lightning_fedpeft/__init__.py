@@ -11,7 +11,7 @@ from lightning_fedpeft.callbacks import (
     RoundSync,
 )
 from lightning_fedpeft.data import FederatedTextDataModule, partition_clients
-from lightning_fedpeft.errors import SetupError
+from lightning_fedpeft.errors import NoUpdateAccepted, SetupError
 from lightning_fedpeft.launchers import EmbeddedLauncher, FederationAborted, RPCLauncher
 from lightning_fedpeft.module import FedPEFTModule
 from lightning_fedpeft.protocol import ClientUpdate, RoundOutcome, RoundPlan, RoundRecord, RoundTicket
@@ -46,6 +46,7 @@ __all__ = [
     "RoundRecord",
     "RoundSync",
     "RoundTicket",
+    "NoUpdateAccepted",
     "SetupError",
     "Strategy",
     "load_trainable_state",

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_fedpeft.callbacks import FederatedProgressBar, RoundSync
 from lightning_fedpeft.data import FederatedTextDataModule
 from lightning_fedpeft.devices import rank_devices
-from lightning_fedpeft.errors import SetupError
+from lightning_fedpeft.errors import NoUpdateAccepted, SetupError
 from lightning_fedpeft.launchers import FederationAborted
 from lightning_fedpeft.loading import BaseLoading, auto_dtype
 from lightning_fedpeft.module import FedPEFTModule
@@ -115,7 +115,7 @@ class FedPEFTCLI(LightningCLI):
             self.trainer.fit(model, **kwargs)
         except SetupError as err:
             _exit_with(err, 2)
-        except FederationAborted as err:
+        except (FederationAborted, NoUpdateAccepted) as err:
             _exit_with(err, 1)
         except RuntimeError as err:
             if "PytorchStreamReader" not in str(err) and "zip archive" not in str(err):

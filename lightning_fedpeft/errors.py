@@ -8,3 +8,12 @@ class SetupError(ValueError):
 
     The message names the setting and the fix; the CLI prints it without a traceback.
     """
+
+
+class NoUpdateAccepted(RuntimeError):
+    """The server accepted no client update for ``federation.max_empty_rounds`` rounds in a row.
+
+    The global model stopped changing (every client diverged, say, or sent what the server refuses); the
+    message gives each round's reasons. The run stops before that round's end is checkpointed, so the
+    last checkpoint is kept as it was; the CLI prints the message without a traceback.
+    """

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_fedpeft import FedPEFTModule, RoundSync
@@ -68,3 +69,48 @@ def test_the_last_round_is_evaluated_whatever_eval_every(stackoverflow, trainer_
     assert evaluated(3, 2) == ([0, 1, 2], [1, 2])
     # A simulated-time budget spent in round 0 ends the run there, and that round is evaluated.
     assert evaluated(4, 10, cost_model=CostModel("tx2", 1.0), max_sim_hours=1e-12) == ([0], [0])
+
+
+class _DivergeEveryClient(pl.Callback):
+    """Every client ends with a NaN in its trainable state (a diverged local run), before RoundSync reads it."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        with torch.no_grad():
+            next(p for p in pl_module.parameters() if p.requires_grad).fill_(float("nan"))
+
+
+def test_rounds_in_which_nothing_is_accepted_are_said_and_stop_the_run(stackoverflow, trainer_factory, caplog) -> None:
+    import logging
+
+    from lightning_fedpeft import NoUpdateAccepted
+    from lightning_fedpeft.callbacks.round_log import progress_line
+
+    data = stackoverflow(num_clients=4, max_train_examples=48, max_val_examples=8, max_test_examples=8)
+
+    def fit(max_empty_rounds: int) -> tuple[RoundSync, dict, dict]:
+        pl.seed_everything(0)
+        model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=1, method="adapter", depth=1, width=4)
+        start = trainable_state(model)
+        sync = RoundSync(clients_per_round=2, local_steps=1, seed=0, max_empty_rounds=max_empty_rounds)
+        trainer = trainer_factory(max_epochs=4, callbacks=[_DivergeEveryClient(), sync], limit_val_batches=0)
+        with caplog.at_level(logging.WARNING, logger="lightning_fedpeft"):
+            try:
+                trainer.fit(model, datamodule=data)
+            except NoUpdateAccepted as err:
+                return sync, start | {"error": str(err)}, trainable_state(model)
+        return sync, start, trainable_state(model)
+
+    sync, start, end = fit(max_empty_rounds=2)
+    message = start.pop("error")
+    assert [int(r["clients"]) for r in sync.history] == [0, 0]  # stopped after the second empty round
+    assert "2 rounds in a row (rounds 0-1)" in message and "non-finite values" in message
+    assert "federation.max_empty_rounds=2" in message
+    assert all(torch.equal(start[k], end[k]) for k in start)  # the global model never changed
+    said = [r.getMessage() for r in caplog.records if "accepted no update" in r.getMessage()]
+    assert len(said) == 2 and all("client" in m and "non-finite" in m for m in said)
+    assert "NO UPDATE ACCEPTED" in progress_line(sync.history, 4)
+
+    caplog.clear()
+    sync, _, _ = fit(max_empty_rounds=0)  # 0: the run goes on to max_epochs, saying so every round
+    assert [int(r["clients"]) for r in sync.history] == [0, 0, 0, 0]
+    assert sum("accepted no update" in r.getMessage() for r in caplog.records) == 4

@@ -139,6 +139,8 @@ def progress_line(rows: Sequence[Mapping[str, Any]], max_rounds: int | None) -> 
     done = int(row["round"]) + 1
     parts = [f"round {done}/{max_rounds}" if max_rounds and max_rounds > 0 else f"round {done}"]
     parts.append(f"clients {row['clients']}" + (f" ({row['missing']} missing)" if row.get("missing") else ""))
+    if int(row["clients"]) == 0:
+        parts.append("NO UPDATE ACCEPTED, global model unchanged")
     parts.append(f"loss {float(row['train_loss']):.4f}")
     parts += [f"{key} {float(row[key]):.4f}" for key in VALIDATION_METRICS if key in row]
     parts.append(f"MB {row['bytes_up'] / 1e6:.2f} up {row['bytes_down'] / 1e6:.2f} down")
@@ -152,6 +154,23 @@ def progress_line(rows: Sequence[Mapping[str, Any]], max_rounds: int | None) -> 
         if max_rounds and max_rounds > done:
             parts.append(f"ETA {_duration(sum(seconds) / len(seconds) * (max_rounds - done))}")
     return " | ".join(parts)
+
+
+def refusals(record: RoundRecord) -> str:
+    """Why the round's participants added nothing: ``client 3: non-finite values; client 5: missing``."""
+    reasons = [f"client {c}: {why}" for c, why in sorted(record.rejected.items())]
+    reasons += [f"client {c}: missing" for c in record.missing]
+    return "; ".join(reasons) or "no participants"
+
+
+def empty_rounds(rows: Sequence[Mapping[str, Any]]) -> int:
+    """How many rounds in a row, up to the last, the server accepted no update in."""
+    count = 0
+    for row in reversed(rows):
+        if int(float(row["clients"])) != 0:
+            break
+        count += 1
+    return count
 
 
 def _duration(seconds: float) -> str:

@@ -16,6 +16,7 @@ and the table in :mod:`~lightning_fedpeft.callbacks.round_log`.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -28,12 +29,12 @@ from torch.utils.data import DataLoader
 from lightning_fedpeft.aggregation import Aggregator, ServerOptimizer
 from lightning_fedpeft.algorithm import FederatedAlgorithm, FederatedRun, configure_algorithms
 from lightning_fedpeft.callbacks.client_data import ClientData
-from lightning_fedpeft.callbacks.round_log import RoundLog
+from lightning_fedpeft.callbacks.round_log import RoundLog, empty_rounds, refusals
 from lightning_fedpeft.callbacks.zero_reset import deepspeed_stage, prepare_deepspeed, reset_zero_optimizer
 from lightning_fedpeft.checkpoint import AtomicCheckpointIO
 from lightning_fedpeft.cost import CostModel
 from lightning_fedpeft.devices import check_precision
-from lightning_fedpeft.errors import SetupError
+from lightning_fedpeft.errors import NoUpdateAccepted, SetupError
 from lightning_fedpeft.launchers import FederationAborted, RoundChannel, TransportConfig, make_launcher
 from lightning_fedpeft.protocol import TrainableState
 from lightning_fedpeft.rounds import LocalRound, check_local_work, client_seed
@@ -41,6 +42,7 @@ from lightning_fedpeft.server import FederatedServer
 from lightning_fedpeft.state import host_trainable_state, load_trainable_state, to_host
 from lightning_fedpeft.strategy import Strategy
 
+log = logging.getLogger(__name__)
 TRANSPORT = TransportConfig()  # the transport's defaults, written once (launchers/settings.py)
 
 
@@ -74,6 +76,9 @@ class RoundSync(Callback):
             (default), ``CoordinateMedian``, ``TrimmedMean``, ``NormBounded`` or ``DPGaussian`` (client-level
             differential privacy; the run ends at its epsilon budget).
         server_optimizer: a step from the combined state: ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedAdagrad``.
+        max_empty_rounds: stop with :class:`~lightning_fedpeft.errors.NoUpdateAccepted` after this many rounds
+            in a row in which the server accepted no update (each such round is also a warning and a
+            progress-line notice, with every client's reason); ``0``: never stop for that.
     """
 
     def __init__(
@@ -96,11 +101,16 @@ class RoundSync(Callback):
         aggregator: Aggregator | None = None,
         server_optimizer: ServerOptimizer | None = None,
         heartbeat_s: float = TRANSPORT.heartbeat_s,
+        max_empty_rounds: int = 3,
     ) -> None:
         super().__init__()
         for name, value in (("clients_per_round", clients_per_round), ("eval_every", eval_every)):
             if value < 1:
                 raise ValueError(f"RoundSync {name}={value} must be at least 1")
+        if isinstance(max_empty_rounds, bool) or not isinstance(max_empty_rounds, int) or max_empty_rounds < 0:
+            raise ValueError(
+                f"RoundSync max_empty_rounds={max_empty_rounds!r} must be a whole number >= 0 (0: never stop)"
+            )
         if num_clients is not None and num_clients < 1:
             raise ValueError(f"RoundSync num_clients={num_clients} must be at least 1 (or unset)")
         check_local_work(local_epochs, local_steps, "RoundSync ")
@@ -111,6 +121,8 @@ class RoundSync(Callback):
         self.local_epochs, self.local_steps, self.eval_every = local_epochs, local_steps, eval_every
         self.cost_model, self.max_sim_hours = cost_model, max_sim_hours
         self.aggregator, self.server_optimizer = aggregator, server_optimizer
+        self.max_empty_rounds = max_empty_rounds
+        self._refusals: dict[int, str] = {}  # per round the server accepted nothing in: why
         # Checked even when a launcher is given: a bad setting is refused either way.
         transport = TransportConfig(
             mode=mode,
@@ -298,6 +310,13 @@ class RoundSync(Callback):
         if outcome.global_state:
             _load_state(pl_module, outcome.global_state)
         if outcome.record is not None:
+            if not outcome.record.received:
+                self._refusals[round_idx] = refusals(outcome.record)
+                log.warning(
+                    "round %d: the server accepted no update, the global model is unchanged (%s)",
+                    round_idx,
+                    self._refusals[round_idx],
+                )
             compressed = self.launcher.codec.compression != "none"
             row = self.round_log.server_row(outcome.record, local.losses, compressed, self.cost_model is not None)
         else:
@@ -330,6 +349,22 @@ class RoundSync(Callback):
         tables = self.strategy.tables() if self.launcher.is_server else {}
         validation = trainer.callback_metrics if self._validate_now else None
         self.round_log.add(trainer, row, validation, tables, write=self.launcher.is_server)
+        if self.launcher.is_server:
+            self._stop_if_stalled()
+
+    def _stop_if_stalled(self) -> None:
+        # Before this round's checkpoint (the checkpoints run after RoundSync): the last one is kept as it was.
+        empty = empty_rounds(self.history)
+        if not self.max_empty_rounds or empty < self.max_empty_rounds:
+            return
+        rounds = [int(row["round"]) for row in self.history[-empty:]]
+        why = "; ".join(f"round {r}: {self._refusals[r]}" for r in rounds if r in self._refusals)
+        raise NoUpdateAccepted(
+            f"the server accepted no client update in {empty} rounds in a row (rounds {rounds[0]}-{rounds[-1]}), "
+            f"so the global model stopped changing ({why}). Lower the learning rate or check the clients' data; "
+            f"federation.max_empty_rounds={self.max_empty_rounds} stops the run here (0: never). The last "
+            f"checkpoint is kept as it was"
+        )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._round is not None:
