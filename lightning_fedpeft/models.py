@@ -183,6 +183,21 @@ def load_backbone(
 POOLINGS: tuple[str, ...] = ("mean", "model")
 
 
+def max_input_tokens(model: nn.Module) -> int | None:
+    """How many tokens ``model``'s learned position table can read (``None``: no such table, e.g. RoPE).
+
+    BERT-likes (``embeddings.position_embeddings``; RoBERTa and MPNet keep the slots up to their padding
+    index) and GPT-2 (``wpe``) fail with a shape error on a longer input, mid-training.
+    """
+    base = getattr(model, "base_model", model)
+    table = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
+    if table is None:
+        table = getattr(base, "wpe", None)
+    if not isinstance(table, nn.Embedding):
+        return None
+    return table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0)
+
+
 class MaskedMeanPooler(nn.Module):
     """Replaces a BERT-style ``pooler``: the average of the non-padding token states.
 

@@ -31,6 +31,7 @@ from lightning_fedpeft.models import (
     check_task,
     load_backbone,
     load_causal_lm,
+    max_input_tokens,
     resolve_model_path,
 )
 from lightning_fedpeft.protocol import TrainableState
@@ -180,6 +181,7 @@ class FedPEFTModule(pl.LightningModule):
                 pooling=pooling,
                 load_kwargs=load_kwargs,
             )
+        self.max_input_tokens = max_input_tokens(backbone)  # checked against data.max_length at setup
         try:
             self.model = apply_peft(
                 backbone,
@@ -305,6 +307,15 @@ class FedPEFTModule(pl.LightningModule):
             check_precision_for_base(self.frozen_dtype, precision)
         except ValueError as err:
             raise SetupError(str(err)) from err
+        # A data setting the model cannot honour fails mid-training with a shape error: refuse it now.
+        data = getattr(self.trainer, "datamodule", None)
+        max_length = getattr(getattr(data, "hparams", None), "max_length", None)
+        limit = self.max_input_tokens
+        if limit is not None and isinstance(max_length, int) and max_length > limit:
+            raise SetupError(
+                f"data.max_length={max_length} is longer than the {limit} positions "
+                f"{self.hparams.model_name_or_path!r} can read; set data.max_length to at most {limit}"
+            )
 
     @property
     def frozen_dtype(self) -> torch.dtype:

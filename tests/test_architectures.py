@@ -71,3 +71,24 @@ def test_adapters_and_the_activation_cache_work_on_mpnet() -> None:
     cached = cache(model, batch)
     assert cache.hits == 2 and cache.misses == 2
     assert torch.allclose(plain, cached.loss, atol=1e-6)
+
+
+def test_the_longest_input_is_read_off_the_position_table() -> None:
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from lightning_fedpeft.models import max_input_tokens
+
+    small = {"num_hidden_layers": 1, "vocab_size": 64}
+    mpnet = MPNetForSequenceClassification(
+        MPNetConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, max_position_embeddings=40, **small)
+    )
+    ids = torch.arange(3, 41).clamp(max=60).unsqueeze(0)  # 38 tokens: MPNet offsets positions past its padding id 1
+    assert max_input_tokens(mpnet) == 38 and mpnet(input_ids=ids).logits.shape[0] == 1
+    with pytest.raises((IndexError, RuntimeError)):
+        mpnet(input_ids=torch.cat([ids, ids[:, :1]], dim=1))  # one more fails, as the check says
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(n_embd=16, n_head=2, n_positions=24, n_layer=1, vocab_size=64))
+    assert max_input_tokens(gpt2) == 24
+    llama = LlamaForCausalLM(
+        LlamaConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, max_position_embeddings=24, **small)
+    )
+    assert max_input_tokens(llama) is None  # rotary positions: no table to run off

@@ -289,3 +289,58 @@ def test_a_malformed_data_file_is_refused_naming_the_file_and_the_line(
     assert str(path) in message and all(words in message for words in expected), message
     if fault not in ("latin1",):  # a row's fault names its line
         assert f"line {line}" in message, message
+
+
+# -- settings that depend on the loaded model: built and run one step -----------------------------------------
+MODEL_DEPENDENT = {
+    "model.method": st.sampled_from(["adapter", "lora", "svd", "freeze", "full"]),
+    "model.depth": st.integers(-1, 2),  # the model below has 1 layer
+    "model.width": st.integers(0, 4),
+    "model.rank": st.integers(0, 4),
+    "model.target_modules": st.sampled_from(["null", "[query]", "[nothing]"]),
+}
+MAX_LENGTH = {"data.max_length": st.sampled_from([8, 64, 512, 513, 700])}  # MiniLM reads at most 512 positions
+
+
+@pytest.fixture(scope="module")
+def one_step_config(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Path:
+    config = {
+        "trainer": {
+            "max_epochs": 1,
+            "max_steps": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "limit_val_batches": 0,
+        },
+        "model": {"num_hidden_layers": 1, "depth": 1, "width": 4},
+        "data": {"corpus": "20NG", "num_clients": 2, "partitioner": "iid", "max_train_examples": 16},
+        "federation": {"clients_per_round": 1, "local_steps": 1},
+        "test_after_fit": False,
+    }
+    config["data"] |= {"max_val_examples": 4, "max_test_examples": 4, "batch_size": 4, "cache_dir": cache_dir}
+    path = tmp_path_factory.mktemp("fuzz") / "one_step.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(drawn=st.fixed_dictionaries(MAX_LENGTH, optional=MODEL_DEPENDENT))
+def test_model_dependent_settings_are_refused_before_the_first_step_or_train(
+    drawn: dict[str, Any], one_step_config: Path, capsys
+) -> None:
+    """Parsing is not enough: a setting the loaded model cannot honour must be refused in one line before
+    training starts, not crash in the first step (data.max_length above the position table did)."""
+    from lightning_fedpeft.cli import run_cli
+
+    args = ["fit", "--config", str(one_step_config)] + [f"--{k}={v}" for k, v in drawn.items()]
+    capsys.readouterr()
+    try:
+        cli = run_cli(args)
+    except SystemExit as stop:
+        err = capsys.readouterr().err
+        assert stop.code == 2 and "Traceback" not in err, err[-1500:]
+        assert any(k.split(".")[-1] in err for k in drawn), (drawn, err[-1500:])
+        return
+    assert cli.trainer.global_step == 1, drawn  # it trained
