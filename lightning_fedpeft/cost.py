@@ -275,12 +275,12 @@ def bert_base_flops(series: str, depth: int, batch_size: int = 4, seq_len: int =
     """Counted FLOPs of one training step of a BERT-base-shaped model (weights on the meta device)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from lightning_fedpeft.models import apply_peft
+    from lightning_fedpeft.models import PEFTConfig, apply_peft
 
     with torch.device("meta"):
         model = BertForSequenceClassification(BertConfig(num_labels=20))
         method = "freeze" if series == "freeze" else "adapter"
-        model = apply_peft(model, method, depth=depth, width=width)
+        model = apply_peft(model, PEFTConfig(method=method, depth=depth, width=width))
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     labels = torch.zeros(batch_size, dtype=torch.long, device="meta")
     # No attention mask: on the meta device the mask helpers would need real values.

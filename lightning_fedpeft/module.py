@@ -24,7 +24,7 @@ from lightning_fedpeft.loading import (
     use_fused_kernels,
 )
 from lightning_fedpeft.models import (
-    PEFT_METHODS,
+    PEFTConfig,
     PEFTMethod,
     Task,
     apply_peft,
@@ -131,8 +131,17 @@ class FedPEFTModule(pl.LightningModule):
         fused_kernels: bool = False,
     ) -> None:
         super().__init__()
-        if method not in PEFT_METHODS:
-            raise ValueError(f"model.method={method!r} is not a known PEFT method; allowed: {', '.join(PEFT_METHODS)}")
+        # The PEFT settings, gathered and checked in one object (the flat names are the CLI's and configs').
+        peft_config = PEFTConfig(
+            method=method,
+            depth=depth,
+            width=width,
+            rank=rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            orth_reg_weight=orth_reg_weight,
+        )
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"model.optimizer={optimizer!r} is not supported; allowed: adamw, sgd")
         if task == "classification" and num_labels < 2:
@@ -155,8 +164,6 @@ class FedPEFTModule(pl.LightningModule):
             )
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"model.lr={lr} must be a positive number")
-        if orth_reg_weight < 0:
-            raise ValueError(f"model.orth_reg_weight={orth_reg_weight} must be >= 0")
         loading = BaseLoading(base_dtype, quantization, load_device)
         self.save_hyperparameters()
         path = resolve_model_path(model_name_or_path)
@@ -183,18 +190,7 @@ class FedPEFTModule(pl.LightningModule):
             )
         self.max_input_tokens = max_input_tokens(backbone)  # checked against data.max_length at setup
         try:
-            self.model = apply_peft(
-                backbone,
-                method,
-                task=task,
-                depth=depth,
-                width=width,
-                rank=rank,
-                alpha=lora_alpha,
-                dropout=lora_dropout,
-                target_modules=target_modules,
-                orth_reg_weight=orth_reg_weight,
-            )
+            self.model = apply_peft(backbone, peft_config, task=task)
         except ValueError as err:
             raise ValueError(f"model: {err}") from err
         float32_trainables(self.model)  # a head copied from a half base; the federated state is float32

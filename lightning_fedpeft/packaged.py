@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_fedpeft.hf_logging import quiet_transformers
+
 _DONE = ".fedpeft-complete"  # written last, so a folder cut short by a crash is never taken for a model
 
 
@@ -198,14 +200,10 @@ def convert_gguf(source: Path, target: Path, alias: str = "", install: str = "pi
                 f"install it with `{install}`"
             )
     import torch
-    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, name = str(source.parent), source.name
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    try:
+    with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(folder, gguf_file=name)
         except ValueError as err:  # "GGUF model with architecture X is not supported yet"
@@ -232,9 +230,6 @@ def convert_gguf(source: Path, target: Path, alias: str = "", install: str = "pi
             if target.exists():  # a stale, incomplete folder from a crashed conversion
                 shutil.rmtree(target)
             os.replace(out, target)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        transformers.logging.enable_progress_bar()
 
 
 def _unpack(pieces: list[Path], target: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 from transformers import MPNetConfig, MPNetForSequenceClassification
 
 from lightning_fedpeft.cache import ActivationCache
-from lightning_fedpeft.models import MeanPooledHead, apply_peft, use_mean_pooling
+from lightning_fedpeft.models import MeanPooledHead, PEFTConfig, apply_peft, use_mean_pooling
 from lightning_fedpeft.state import trainable_state
 
 
@@ -50,18 +50,18 @@ _QUERY_VALUE = {"attention.attn.q", "attention.attn.v"}
 
 @pytest.mark.parametrize(("method", "expected"), [("svd", _ALL_SIX), ("lora", _QUERY_VALUE)])
 def test_default_targets_follow_the_architecture(method: str, expected: set[str]) -> None:
-    model = apply_peft(use_mean_pooling(_tiny_mpnet()), method, rank=2)
+    model = apply_peft(use_mean_pooling(_tiny_mpnet()), PEFTConfig(method, rank=2))
     adapted = {n.split(".lora_")[0].split("layer.0.")[1] for n in trainable_state(model) if "layer.0." in n}
     assert adapted == expected
 
 
 def test_target_names_matching_no_layer_are_rejected_with_the_names_there_are() -> None:
     with pytest.raises(ValueError, match=r"target_modules \['query'\] match no linear layer.*'attention\.attn\.q'"):
-        apply_peft(_tiny_mpnet(), "lora", target_modules=["query", "attn.v"])
+        apply_peft(_tiny_mpnet(), PEFTConfig("lora", target_modules=["query", "attn.v"]))
 
 
 def test_adapters_and_the_activation_cache_work_on_mpnet() -> None:
-    model = apply_peft(use_mean_pooling(_tiny_mpnet()), "adapter", depth=1, width=4)
+    model = apply_peft(use_mean_pooling(_tiny_mpnet()), PEFTConfig("adapter", depth=1, width=4))
     torch.nn.init.normal_(model.adapter_injection.adapters[2].up.weight, std=0.3)  # not the identity
     assert {n.split(".")[3] for n in trainable_state(model) if ".adapter." in n} == {"2"}
     batch = _batch()

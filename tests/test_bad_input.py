@@ -100,3 +100,19 @@ def test_the_transport_settings_are_checked_and_defaulted_in_one_place() -> None
     parameters = inspect.signature(RoundSync).parameters
     for name in ("mode", "compression", "round_deadline_s", "liveness_timeout_s", "wait_timeout_s", "heartbeat_s"):
         assert parameters[name].default == getattr(defaults, name), name
+
+
+def test_the_peft_settings_are_checked_together_before_any_load() -> None:
+    from lightning_fedpeft.models import PEFTConfig
+
+    for settings, message in (
+        ({"method": "lora", "lora_alpha": 0}, r"model\.lora_alpha=0 must be positive"),
+        ({"method": "svd", "lora_dropout": 1.5}, r"model\.lora_dropout=1\.5 must be within \[0, 1\)"),
+        ({"method": "lora", "rank": 0}, r"model\.rank=0 must be a positive integer"),
+        ({"method": "svd", "orth_reg_weight": -1.0}, r"model\.orth_reg_weight=-1\.0 must be >= 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            PEFTConfig(**settings)
+        with pytest.raises(ValueError, match=message):  # the module refuses it before reading a weight
+            FedPEFTModule(model_name_or_path="/no/such/folder", **settings)
+    assert PEFTConfig("adapter", rank=0).rank == 0  # a setting the method does not read is left alone

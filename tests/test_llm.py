@@ -242,7 +242,7 @@ def test_adapters_on_a_decoder_sit_after_its_feed_forward_and_start_as_the_ident
 def test_default_lora_targets_of_other_decoders(kind: str, targets: set[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lightning_fedpeft.models import apply_peft
+    from lightning_fedpeft.models import PEFTConfig, apply_peft
 
     small = {"vocab_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "tie_word_embeddings": True}
     if kind == "gpt2":
@@ -251,7 +251,7 @@ def test_default_lora_targets_of_other_decoders(kind: str, targets: set[str]) ->
         config = AutoConfig.for_model(kind, hidden_size=16, intermediate_size=32, num_key_value_heads=1, **small)
         if kind.startswith("gemma"):
             config.head_dim = 8
-    model = apply_peft(AutoModelForCausalLM.from_config(config), "lora", task="causal_lm", rank=2)
+    model = apply_peft(AutoModelForCausalLM.from_config(config), PEFTConfig("lora", rank=2), task="causal_lm")
     state = trainable_state(model)
     assert {re.search(r"\.([a-z_]+)\.lora_[AB]\.", k).group(1) for k in state} == targets
     assert not model.get_input_embeddings().weight.requires_grad

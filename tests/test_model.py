@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_fedpeft.models import apply_peft, load_backbone, resolve_model_path
+from lightning_fedpeft.models import PEFTConfig, apply_peft, load_backbone, resolve_model_path
 from lightning_fedpeft.module import FedPEFTModule
 from lightning_fedpeft.state import load_trainable_state, state_nbytes, trainable_state
 from lightning_fedpeft.tuners.adapter import AdapterConfig, inject_adapters
@@ -34,7 +34,7 @@ def test_adapter_at_init_leaves_the_output_unchanged() -> None:
 
 
 def test_adapter_depth_picks_the_top_layers_and_freezes_the_rest() -> None:
-    model = apply_peft(load_backbone(MINILM, num_labels=3), "adapter", depth=2, width=8)
+    model = apply_peft(load_backbone(MINILM, num_labels=3), PEFTConfig("adapter", depth=2, width=8))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all(
         n.startswith(("bert.encoder.layer.4.output.adapter", "bert.encoder.layer.5.output.adapter", "classifier"))
