@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lightning_fedpeft import FedPEFTModule, RoundSync
-from lightning_fedpeft.cost import TX2_TABLE, CostModel, bert_base_flops, count_train_flops, load_device_profiles
+from lightning_fedpeft.calibration import TX2_TABLE, bert_base_flops
+from lightning_fedpeft.cost import CostModel, count_train_flops, load_device_profiles
 from lightning_fedpeft.launchers.codec import Codec
 
 
