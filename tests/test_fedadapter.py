@@ -289,3 +289,38 @@ def test_a_simulated_time_budget_ends_fedadapter_only_at_a_decision(stackoverflo
     assert "decision_val_acc" in sync.history[-1]
     assert all("decision_val_acc" not in row for row in sync.history[:-1])
     assert sync.history[-1]["sim_time_h"] == pytest.approx(upgrade.decisions[0].sim_time_h)
+
+
+def test_the_aggregator_of_the_trial_groups_rides_in_the_strategy_state() -> None:
+    """FedAdapter averages like FedAvg, as FedARA does, and its aggregator's state is checkpointed with it."""
+    from lightning_fedpeft.aggregation import WeightedMean
+    from lightning_fedpeft.strategy import FedAvg
+
+    class CountingMean(WeightedMean):
+        def __init__(self) -> None:
+            self.rounds = 0
+
+        def combine(self, round_idx, global_state, updates):  # noqa: ANN001, ANN201
+            self.rounds += 1
+            return super().combine(round_idx, global_state, updates)
+
+        def state_dict(self) -> dict:
+            return {"rounds": self.rounds}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.rounds = state["rounds"]
+
+    script = _Scripted([0.2, 0.5, 0.5], {(0, 8): 1.0, (1, 8): 2.0})
+    kwargs = dict(clients_per_group=1, num_layers=2, start=(0, 8), window_s=2.0, seed=0)
+    strategy = TrialGroupStrategy(**kwargs)
+    assert isinstance(strategy, FedAvg)
+    strategy.use_aggregator(CountingMean())
+    server = _server(strategy, script, num_clients=4)
+    _run_window(server, script, round0=0)
+    assert strategy.aggregator.rounds > 0 and strategy.state_dict()["aggregator"] == {
+        "rounds": strategy.aggregator.rounds
+    }
+    restored = TrialGroupStrategy(**kwargs)
+    restored.use_aggregator(CountingMean())
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.aggregator.rounds == strategy.aggregator.rounds

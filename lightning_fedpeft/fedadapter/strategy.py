@@ -27,7 +27,7 @@ import torch
 
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
 from lightning_fedpeft.seeds import derived_seed
-from lightning_fedpeft.strategy import FedAvg, Query, Strategy
+from lightning_fedpeft.strategy import FedAvg, Query
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,11 @@ class Decision:
     sim_time_h: float  # the clock after the window
 
 
-class TrialGroupStrategy(Strategy):
+class TrialGroupStrategy(FedAvg):
     """The server half of FedAdapter (see the module docstring).
+
+    A :class:`~lightning_fedpeft.strategy.FedAvg` (as FedARA's strategy is): each trial group's round is
+    averaged by it, with its aggregator, whose state rides in this strategy's checkpoint state.
 
     Args:
         clients_per_group: participants per trial group and round (the run's clients per round).
@@ -126,7 +129,6 @@ class TrialGroupStrategy(Strategy):
         self.window_rounds = window_rounds
         self.depth_step, self.width_step, self.max_width = depth_step, width_step, max_width
         self.candidates = tuple(candidates)
-        self._fedavg = FedAvg(clients_per_group, seed=seed)
         self.window = 0
         self.trials: list[Trial] = []
         self.phase = 0
@@ -146,7 +148,7 @@ class TrialGroupStrategy(Strategy):
                 f"groups are not a uniform sample of the clients and the candidates are scored on the server, which "
                 f"the privacy accountant does not cover; drop one of the two"
             )
-        self._fedavg.use_aggregator(aggregator)
+        super().use_aggregator(aggregator)
 
     def use_server_optimizer(self, optimizer: Any) -> None:
         raise ValueError(
@@ -166,7 +168,7 @@ class TrialGroupStrategy(Strategy):
                 f"round but there are {num_clients}; lower federation.clients_per_round, use fewer "
                 f"upgrade.candidates or more data.num_clients"
             )
-        self._fedavg.validate(num_clients)  # binds its aggregator to the run's sizes
+        super().validate(num_clients)  # binds the aggregator to the run's sizes
 
     # -- windows ------------------------------------------------------------------------------------------
     def initialize(self, global_state: TrainableState) -> None:
@@ -235,7 +237,7 @@ class TrialGroupStrategy(Strategy):
         self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
     ) -> TrainableState:
         trial = self.trials[self.phase]
-        new_state = self._fedavg.aggregate(round_idx, global_state, updates)
+        new_state = super().aggregate(round_idx, global_state, updates)
         trial.done += 1
         self._metrics = {
             "window": float(self.window),
@@ -320,7 +322,7 @@ class TrialGroupStrategy(Strategy):
 
     def round_metrics(self) -> dict[str, float]:
         metrics, self._metrics = self._metrics, {}
-        return self._fedavg.round_metrics() | metrics
+        return super().round_metrics() | metrics
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"decisions": [asdict(d) for d in self.decisions]}
