@@ -43,6 +43,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _common import quiet_trainer
 
 from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
 from lightning_fedpeft.cost import CostModel, count_train_flops
@@ -106,14 +107,9 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
         def clock() -> float:  # the cost model's clock after the last round (read once fit is over)
             return float(sync.history[-1]["sim_time_h"]) if sync.history else 0.0
 
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=rounds,
         callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         limit_val_batches=limit_val,
     )
     t0 = time.perf_counter()

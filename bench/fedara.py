@@ -39,6 +39,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _common import quiet_trainer
 
 from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
 from lightning_fedpeft.callbacks import ClientResources
@@ -81,14 +82,9 @@ def run(method: str, alpha: float, args: argparse.Namespace) -> dict:
         ]
     else:
         callbacks.append(ClientResources())  # the same step-time and memory columns
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=args.rounds,
         callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
     )
     t0 = time.perf_counter()
     with warnings.catch_warnings():

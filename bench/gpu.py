@@ -57,6 +57,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _common import quiet_trainer
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -216,18 +217,13 @@ class StepClock(pl.Callback):
 
 
 def trainer(bench: Bench, callbacks: list, precision: str, rounds: int = 1, **settings: Any) -> pl.Trainer:
-    return pl.Trainer(
+    return quiet_trainer(
         accelerator=bench.accelerator(),
         devices=1,
         max_epochs=rounds,
         precision=precision,
         callbacks=callbacks,
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         **settings,
     )
 

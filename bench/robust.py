@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+from _common import quiet_trainer
 
 from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
 from lightning_fedpeft.aggregation import Aggregator, CoordinateMedian, DPGaussian, NormBounded, TrimmedMean
@@ -70,14 +71,9 @@ def run(name: str, poisoned: int, args: argparse.Namespace, noise: float | None 
     callbacks: list = [sync]
     if poisoned:
         callbacks.append(ScaledUpdateAttack(clients=list(range(poisoned)), factor=args.factor))
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=args.rounds,
         callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)

@@ -20,6 +20,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from _common import quiet_trainer
 
 from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, RoundSync
 from lightning_fedpeft.rounds import RoundBatchSampler
@@ -39,14 +40,10 @@ def build(args: argparse.Namespace) -> tuple[FederatedTextDataModule, FedPEFTMod
 
 def lightning_rounds(args: argparse.Namespace, data: FederatedTextDataModule, module: FedPEFTModule) -> list[float]:
     sync = RoundSync(clients_per_round=args.clients_per_round, local_steps=args.local_steps, seed=args.seed)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=args.rounds + 1,
         callbacks=[sync],
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=data)
     return [row["round_time_s"] for row in sync.history[1:]]
