@@ -32,6 +32,11 @@ submits only for the clients it was assigned, which stops mistakes, not attacker
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
 import torch.distributed.rpc as rpc
 
 from lightning_fedpeft.launchers.alarm import MainThreadAlarm
@@ -156,5 +161,31 @@ class RPCLauncher(RoundChannel):
         # Not graceful: a graceful shutdown is a barrier over every rank, which a dead rank would hang.
         # Nothing is in flight by now: clients only ever call the server, and the server has waited for
         # every live client's goodbye, its last call.
-        rpc.shutdown(graceful=False)
+        with _tensorpipe_quiet():
+            rpc.shutdown(graceful=False)
         self._started = False
+
+
+@contextlib.contextmanager
+def _tensorpipe_quiet() -> Iterator[None]:
+    """Drop what is written to the process's stderr (file descriptor 2) meanwhile.
+
+    TensorPipe's agent threads log one ``[W ... tensorpipe_agent.cpp] ... pipe closed`` (``EOF``,
+    ``ECONNRESET``) line per peer as the pipes of a run that ends on purpose close, which buries the run's
+    one clear last message. They come from C++ (c10 logging, whose level is read once from
+    ``TORCH_CPP_LOG_LEVEL`` when torch loads and has no setter), so the descriptor is pointed at
+    ``/dev/null`` only while the agent shuts down; Python's own stderr is flushed first.
+    """
+    sys.stderr.flush()
+    try:
+        saved, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no descriptor 2 to point elsewhere: nothing to quiet
+        yield
+        return
+    os.dup2(sink, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(sink)

@@ -115,8 +115,11 @@ class ClientSide:
             # called without an active exception"), so wait for it; once the server is gone it fails fast.
             self._beat.join(timeout=self.heartbeat_s * 5 + 1)
             self._beat = None
+        # The answer comes when the server closes its agent too (after its evaluation and test), so that
+        # neither side sees the other's pipes close while it runs (TensorPipe warns of each).
+        linger = 0.0 if self.stopped_by is not None else self.wait_timeout_s
         try:
-            rpc.rpc_sync(SERVER, rpc_server.remote_goodbye, args=(self.rank,), timeout=5)
+            rpc.rpc_sync(SERVER, rpc_server.remote_goodbye, args=(self.rank, linger), timeout=linger + 5)
         except Exception:  # noqa: BLE001  (the server is already gone)
             pass
 

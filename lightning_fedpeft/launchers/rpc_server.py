@@ -79,6 +79,7 @@ class ServerEndpoint:
         self.gone: set[int] = set()  # ranks that said goodbye: they make no more calls
         self.on_abort: Any = None  # called (in an RPC thread) when a client rank reports a failure
         self.first_round = 0  # the round the run starts (or, resumed, continues) with
+        self.closing = False  # this process is closing its RPC agent: goodbyes need not linger
 
     def join(self, rank: int) -> tuple[int, TrainableState]:
         """What a client rank adopts when it connects: the first round, and the codec's reference if it has one."""
@@ -118,12 +119,18 @@ class ServerEndpoint:
         if rank is not None and self.on_abort is not None:
             self.on_abort(reason)
 
-    def goodbye(self, rank: int) -> None:
-        """``rank`` has stopped (at the end of fit, or after an abort) and makes no more calls."""
+    def goodbye(self, rank: int, linger_s: float = 0.0) -> None:
+        """``rank`` has stopped (at the end of fit, or after an abort) and makes no more calls.
+
+        With ``linger_s``, the answer waits (at most that long) until this process closes its own RPC
+        agent too: a client rank whose agent went away earlier, while the server still evaluates and tests,
+        would have TensorPipe print an ``EOF`` warning here for each client rank.
+        """
         with self.cond:
             self.told.add(rank)
             self.gone.add(rank)
             self.cond.notify_all()
+            self.cond.wait_for(lambda: self.closing, timeout=linger_s)
 
     def wait_for_goodbyes(self, timeout_s: float) -> None:
         """Before the server goes away: wait until every live rank has said goodbye (it calls no more).
@@ -283,9 +290,9 @@ def remote_abort(rank: int, reason: str) -> None:
         _ENDPOINT.abort(reason, rank=rank)
 
 
-def remote_goodbye(rank: int) -> None:
+def remote_goodbye(rank: int, linger_s: float = 0.0) -> None:
     if _ENDPOINT is not None:
-        _ENDPOINT.goodbye(rank)
+        _ENDPOINT.goodbye(rank, linger_s)
 
 
 class ServerSide:
@@ -333,6 +340,9 @@ class ServerSide:
         every live rank hears of it by then; at the end of a run each still collects the last round's state)."""
         global _ENDPOINT
         if self.endpoint is not None:
+            with self.endpoint.cond:  # the lingering goodbyes may return: every agent closes now
+                self.endpoint.closing = True
+                self.endpoint.cond.notify_all()
             aborted = self.endpoint.aborted is not None
             t = self.transport
             self.endpoint.wait_for_goodbyes(t.heartbeat_s * 5 + 5 if aborted else t.wait_timeout_s)
