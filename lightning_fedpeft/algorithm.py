@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_fedpeft.cost import CostModel
-from lightning_fedpeft.protocol import ClientContext, ClientResult
+from lightning_fedpeft.protocol import ClientContext, ClientResult, TrainableState
 from lightning_fedpeft.strategy import FedAvg, Query, Strategy
 
 A = TypeVar("A", bound="FederatedAlgorithm")
@@ -72,6 +72,11 @@ class FederatedAlgorithm(Callback):
     def answer_query(self, query: Query, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """Answer a question the strategy (which :meth:`configure` returned) asks about the model."""
         raise NotImplementedError(f"{type(self).__name__} cannot answer {query!r}")
+
+    def adopt_state(self, pl_module: pl.LightningModule, state: TrainableState) -> None:
+        """Reshape ``pl_module`` to hold ``state`` before RoundSync loads it (strictly) into a module that has
+        no ``set_trainable_state`` of its own: a user's plain LightningModule. An algorithm whose states
+        change shape (FedARA's ranks and pruned modules) makes the module fit them here."""
 
     def on_client_start(self, ctx: ClientContext, pl_module: pl.LightningModule) -> None:
         """A client begins its local round: the global state is loaded, its optimizer is built right after

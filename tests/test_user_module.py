@@ -219,3 +219,51 @@ def test_fedprox_takes_a_per_client_mu_and_refuses_a_bad_one() -> None:
     assert torch.allclose(module.net[2].weight, _reference_fedavg(mu=0.5)[2].weight, atol=1e-6)
     with pytest.raises(ValueError, match=r"fedprox\.mu=-1 must be a finite number >= 0"):
         FedProx(mu=-1)
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class UserAdaLoraModule(pl.LightningModule):
+    """A user's own module holding a peft AdaLoRA model: no lightning_fedpeft class, no set_trainable_state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from peft import AdaLoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        config = AdaLoraConfig(init_r=4, target_r=4, target_modules=["a", "b"], modules_to_save=["head"], total_step=1)
+        self.net = get_peft_model(_TwoLayers(), config)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=LR)
+
+
+def test_fedara_allocates_ranks_and_prunes_modules_of_a_users_own_adalora_module() -> None:
+    from lightning_fedpeft.fedara import ModulePruning, RankAllocation
+    from lightning_fedpeft.state import trainable_state
+    from lightning_fedpeft.tuners.svd import layer_rank, svd_layers
+
+    module = UserAdaLoraModule()
+    sync = _sync()
+    allocation = RankAllocation(target_rank=0.5, warmup_rounds=1, final_rounds=1)  # 8 triplets fall to 1
+    _trainer(5, sync, allocation, ModulePruning(), limit_val_batches=0).fit(module, datamodule=UserData())
+    assert [int(r["active_ranks"]) for r in sync.history][0] == 8 and int(sync.history[-1]["active_ranks"]) == 1
+    assert int(sync.history[-1]["live_modules"]) == 1  # the module that lost its last triplet was pruned
+    live = svd_layers(module)
+    assert len(live) == 1 and sum(layer_rank(layer) for layer in live.values()) == 1
+    pruned = "net.base_model.model.a" if "net.base_model.model.b" in live else "net.base_model.model.b"
+    assert type(module.get_submodule(pruned)) is nn.Linear  # the frozen base layer is back in its place
+    final = allocation.strategy.full  # the server's full-rank record; the module holds the packed state
+    mine = trainable_state(module)
+    assert not any(k.startswith(pruned + ".") for k in mine) and any(k.startswith(pruned + ".") for k in final)

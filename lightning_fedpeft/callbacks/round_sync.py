@@ -261,7 +261,7 @@ class RoundSync(Callback):
         ctx = self._round.start_client(batch_idx)
         if ctx is None:
             return
-        _load_state(pl_module, ctx.global_state)
+        self._load_state(pl_module, ctx.global_state)
         # Dropout etc. depend only on (seed, round, client), wherever the client is trained.
         torch.manual_seed(client_seed(self.seed, ctx.round, ctx.client_id))
         for algorithm in self.algorithms:
@@ -308,7 +308,7 @@ class RoundSync(Callback):
         last_epoch = trainer.max_epochs is not None and round_idx >= trainer.max_epochs - 1
         outcome = self.launcher.finish_round(round_idx, state_needed=self.launcher.is_server or last_epoch)
         if outcome.global_state:
-            _load_state(pl_module, outcome.global_state)
+            self._load_state(pl_module, outcome.global_state)
         if outcome.record is not None:
             if not outcome.record.received:
                 self._refusals[round_idx] = refusals(outcome.record)
@@ -331,6 +331,18 @@ class RoundSync(Callback):
             trainer.check_val_every_n_epoch = 1  # Lightning reads it after this batch, still in this epoch
         self._row = row
         self.round_log.log_to(pl_module, row)
+
+    def _load_state(self, pl_module: pl.LightningModule, state: TrainableState) -> None:
+        # A module that can change shape to fit the state (adapters of another depth/width) says so by
+        # defining set_trainable_state; any other module is first made to fit by the algorithms whose
+        # states change shape (adopt_state), then gets a strict, in-place load.
+        setter = getattr(pl_module, "set_trainable_state", None)
+        if callable(setter):
+            setter(state)
+            return
+        for algorithm in self.algorithms:
+            algorithm.adopt_state(pl_module, state)
+        load_trainable_state(pl_module, state)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         local = self._round
@@ -420,13 +432,3 @@ def _continue_at(trainer: pl.Trainer, round_idx: int) -> None:
     progress = trainer.fit_loop.epoch_progress
     for counter in (progress.total, progress.current):
         counter.ready = counter.started = counter.processed = counter.completed = round_idx
-
-
-def _load_state(pl_module: pl.LightningModule, state: TrainableState) -> None:
-    # A module that can change shape to fit the state (adapters of another depth/width) says so by
-    # defining set_trainable_state; any other module gets a strict, in-place load.
-    setter = getattr(pl_module, "set_trainable_state", None)
-    if callable(setter):
-        setter(state)
-    else:
-        load_trainable_state(pl_module, state)

@@ -18,15 +18,17 @@ import torch
 
 from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun
 from lightning_fedpeft.fedara.strategy import IMPORTANCE, BudgetSchedule, RankAllocationStrategy
+from lightning_fedpeft.protocol import TrainableState
 from lightning_fedpeft.resources import ClientResources
-from lightning_fedpeft.tuners.svd import ADAPTER, layer_rank, svd_layers, triplet_keys
+from lightning_fedpeft.tuners.svd import ADAPTER, adopt_state_ranks, layer_rank, svd_layers, triplet_keys
 
 
 class RankAllocation(FederatedAlgorithm):
     """FedARA's federated rank allocation, on top of :class:`~lightning_fedpeft.RoundSync`.
 
-    Needs SVD layers (``model.method='svd'``) and a module whose ``set_trainable_state`` adopts the ranks of
-    the state it gets (:class:`~lightning_fedpeft.FedPEFTModule` does). Each round's budget, active ranks
+    Needs SVD layers: :class:`~lightning_fedpeft.FedPEFTModule` with ``model.method='svd'``, or a user's own
+    LightningModule holding a peft AdaLoRA model, whose layers this callback resizes and prunes to each
+    state it gets (:meth:`adopt_state`). Each round's budget, active ranks
     and live modules go to ``rounds.csv``; the server's state (full triplets, mask, scores, schedule
     position) rides in RoundSync's checkpoint state.
 
@@ -78,11 +80,6 @@ class RankAllocation(FederatedAlgorithm):
         layers = svd_layers(model)
         if not layers:
             raise ValueError("RankAllocation needs SVD layers: set model.method='svd' (peft's AdaLoRA layers)")
-        if not callable(getattr(pl_module, "set_trainable_state", None)):
-            raise ValueError(
-                "RankAllocation needs a LightningModule whose set_trainable_state adopts the ranks of the state "
-                "(use lightning_fedpeft.FedPEFTModule with method='svd')"
-            )
         r_init = {int(round(float(layer.ranknum["default"]))) for layer in layers.values()}
         if len(r_init) != 1:
             raise ValueError(f"RankAllocation needs one r_init for every SVD layer, found {sorted(r_init)}")
@@ -97,8 +94,11 @@ class RankAllocation(FederatedAlgorithm):
             warmup_rounds=self.warmup_rounds,
             final_rounds=self.final_rounds,
         )
-        if getattr(model, "peft_config", {}).get("default") is None:
-            raise ValueError("RankAllocation needs a peft AdaLoRA model (model.method='svd')")
+        if not _holds_adalora(pl_module):
+            raise ValueError(
+                "RankAllocation needs a peft AdaLoRA model in the LightningModule (model.method='svd', or your "
+                "own module holding peft.get_peft_model(..., AdaLoraConfig(...)))"
+            )
         self._allocator = SensitivityAverages(self.beta1, self.beta2)
         self.strategy = RankAllocationStrategy(
             run.clients_per_round,
@@ -109,6 +109,11 @@ class RankAllocation(FederatedAlgorithm):
             seed=run.seed,
         )
         return self.strategy
+
+    def adopt_state(self, pl_module: pl.LightningModule, state: TrainableState) -> None:
+        # A user's own module: its SVD layers take the state's rank per module, and the modules the state
+        # no longer has are pruned (FedPEFTModule does this in its set_trainable_state).
+        adopt_state_ranks(pl_module, state)
 
     # -- the client half: importance over local steps ------------------------------------------------------------
     def on_client_start(self, ctx: ClientContext, pl_module: pl.LightningModule) -> None:
@@ -163,6 +168,17 @@ class SensitivityAverages:
             torch._foreach_abs_(spread)
             torch._foreach_mul_(avg_unc, self.beta2)
             torch._foreach_add_(avg_unc, torch._foreach_mul(spread, 1 - self.beta2))
+
+
+def _holds_adalora(pl_module: torch.nn.Module) -> bool:
+    """Whether a peft model with an AdaLoRA config sits anywhere in ``pl_module``."""
+    from peft import AdaLoraConfig
+
+    for module in pl_module.modules():
+        config = getattr(module, "peft_config", None)
+        if isinstance(config, dict) and isinstance(config.get(ADAPTER), AdaLoraConfig):
+            return True
+    return False
 
 
 def _full_grad(param: torch.Tensor) -> torch.Tensor:
