@@ -152,7 +152,6 @@ def read_instructions(path: Path, prompt_column: str, response_column: str) -> t
         raise ValueError(f"{path} has no data rows")
     if prompt_column not in table.columns and {"instruction", "output"} <= set(table.columns):
         instructions = table.values("instruction", "prompt_column", "fill them in or drop those rows (Alpaca layout)")
-        # alpaca_prompt strips the instruction itself
         prompts = [alpaca_prompt(text, row.get("input")) for text, row in zip(instructions, table.rows, strict=True)]
         response_column = "output"
     else:
