@@ -20,6 +20,15 @@ Aggregators (the combination):
   plus Gaussian noise of standard deviation ``noise_multiplier * clip_norm / clients_per_round``; the
   privacy spent is accounted with Opacus' RDP accountant (sampling rate = clients per round / clients).
 
+Heterogeneous clients (a fleet where each client trains part of the state: a LoRA rank of its own, a prefix
+of FedARA's triplets) pass ``held``: per update, a boolean mask per tensor of the coordinates that client
+trained (a tensor not named is held whole). Every rule then works per coordinate over the clients that hold
+it, with the counts public (they follow from the plan, not from the data): the weighted mean divides by the
+holders' weight, the median and trimmed mean take the holders' values, the clipped rules sum the holders'
+clipped changes and divide by their number (DPGaussian: the noise of the sum, ``noise_multiplier x clip_norm``,
+over that number too, so each coordinate keeps the same mechanism). A coordinate nobody holds keeps its
+global value.
+
 Server optimizers (Reddi et al., 2021, "Adaptive Federated Optimization"), on the pseudo-gradient
 ``Δ = combined - global``: :class:`FedAvgM` (momentum), :class:`FedAdam`, :class:`FedYogi`,
 :class:`FedAdagrad`. As in the paper and Flower, without bias correction.
@@ -29,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +47,8 @@ from lightning_fedpeft.protocol import ClientUpdate, TrainableState
 from lightning_fedpeft.seeds import SEED_SCALE, derived_seed
 
 log = logging.getLogger(__name__)
+
+Held = Sequence[Mapping[str, torch.Tensor]] | None  # per update: name -> bool mask of the coordinates it trained
 
 
 class Aggregator:
@@ -49,7 +60,10 @@ class Aggregator:
         """The run's sizes and seed, before the first round."""
         self.clients_per_round, self.num_clients, self.seed = clients_per_round, num_clients, seed
 
-    def combine(self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]) -> TrainableState:
+    def combine(
+        self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate], held: Held = None
+    ) -> TrainableState:
+        """The combined state; ``held`` (see the module docstring) limits each client to its coordinates."""
         raise NotImplementedError
 
     def metrics(self) -> dict[str, float]:
@@ -67,6 +81,19 @@ class Aggregator:
         """Restore what :meth:`state_dict` gave."""
 
 
+def held_mask(held: Held, index: int, name: str, ref: torch.Tensor) -> torch.Tensor | None:
+    """Update ``index``'s mask for tensor ``name`` as float64 of ``ref``'s shape, or ``None`` (held whole)."""
+    if held is None or name not in held[index]:
+        return None
+    return held[index][name].to(torch.float64).expand(ref.shape)
+
+
+def _holders(held: Held, name: str, ref: torch.Tensor, count: int) -> torch.Tensor:
+    """``(count, *ref.shape)`` float64 0/1: which update holds which coordinate of ``name``."""
+    ones = torch.ones(ref.shape, dtype=torch.float64)
+    return torch.stack([m if (m := held_mask(held, i, name, ref)) is not None else ones for i in range(count)])
+
+
 def _weights(updates: Sequence[ClientUpdate]) -> list[float]:
     total = sum(u.num_examples for u in updates)
     if total <= 0:
@@ -77,14 +104,25 @@ def _weights(updates: Sequence[ClientUpdate]) -> list[float]:
 class WeightedMean(Aggregator):
     """FedAvg: ``sum_k n_k w_k / sum_k n_k`` over the trainable state (float64 accumulation)."""
 
-    def combine(self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]) -> TrainableState:
+    def combine(
+        self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate], held: Held = None
+    ) -> TrainableState:
         weights = _weights(updates)
         out: TrainableState = {}
         for name, ref in global_state.items():
             acc = torch.zeros_like(ref, dtype=torch.float64)
-            for u, weight in zip(updates, weights, strict=True):
-                acc += u.state[name].to(torch.float64) * weight
-            out[name] = acc.to(ref.dtype)
+            if held is None:
+                for u, weight in zip(updates, weights, strict=True):
+                    acc += u.state[name].to(torch.float64) * weight
+                out[name] = acc.to(ref.dtype)
+                continue
+            mass = torch.zeros_like(acc)
+            for i, (u, weight) in enumerate(zip(updates, weights, strict=True)):
+                mask = held_mask(held, i, name, ref)
+                share = weight if mask is None else mask * weight
+                acc += u.state[name].to(torch.float64) * share
+                mass += share
+            out[name] = torch.where(mass > 0, acc / mass.clamp_min(1e-300), ref.to(torch.float64)).to(ref.dtype)
         return out
 
 
@@ -96,14 +134,32 @@ class CoordinateMedian(Aggregator):
     """The coordinate-wise median over the clients (unweighted; the mean of the two middle values when
     their number is even, so the result does not depend on the clients' order)."""
 
-    def combine(self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]) -> TrainableState:
+    def combine(
+        self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate], held: Held = None
+    ) -> TrainableState:
         out: TrainableState = {}
         for name, ref in global_state.items():
+            if held is not None:
+                values, count = _held_sorted(name, ref, updates, held)
+                low = values.gather(0, ((count - 1) // 2).clamp_min(0).unsqueeze(0)).squeeze(0)
+                high = values.gather(0, (count // 2).clamp_max(len(updates) - 1).unsqueeze(0)).squeeze(0)
+                middle = torch.where(count > 0, (low + high) / 2, ref.to(torch.float64))
+                out[name] = middle.to(ref.dtype)
+                continue
             values = _stacked(name, updates).sort(dim=0).values
             k = len(updates)
             middle = values[k // 2] if k % 2 else (values[k // 2 - 1] + values[k // 2]) / 2
             out[name] = middle.to(ref.dtype)
         return out
+
+
+def _held_sorted(
+    name: str, ref: torch.Tensor, updates: Sequence[ClientUpdate], held: Held
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per coordinate, the holders' values sorted ascending first (the rest after them), and their count."""
+    holders = _holders(held, name, ref, len(updates))
+    values = torch.where(holders > 0, _stacked(name, updates), torch.inf).sort(dim=0).values
+    return values, holders.sum(dim=0).long()
 
 
 class TrimmedMean(Aggregator):
@@ -126,9 +182,23 @@ class TrimmedMean(Aggregator):
                 f"round sends; lower trim below {clients_per_round / 2:g} or raise federation.clients_per_round"
             )
 
-    def combine(self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]) -> TrainableState:
+    def combine(
+        self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate], held: Held = None
+    ) -> TrainableState:
         out: TrainableState = {}
         for name, ref in global_state.items():
+            if held is not None:
+                # Per coordinate over its holders: trim min(trim, (holders - 1) // 2) at each end.
+                values, count = _held_sorted(name, ref, updates, held)
+                cut = torch.minimum(torch.full_like(count, self.trim), ((count - 1) // 2).clamp_min(0))
+                finite = torch.where(torch.isfinite(values), values, 0.0)
+                sums = torch.cat([torch.zeros_like(finite[:1]), finite.cumsum(dim=0)])
+                kept = (count - 2 * cut).clamp_min(1)
+                total = sums.gather(0, (count - cut).unsqueeze(0)).squeeze(0) - sums.gather(
+                    0, cut.unsqueeze(0)
+                ).squeeze(0)
+                out[name] = torch.where(count > 0, total / kept, ref.to(torch.float64)).to(ref.dtype)
+                continue
             values = _stacked(name, updates).sort(dim=0).values
             k = min(self.trim, (len(updates) - 1) // 2)  # a round short of clients still keeps one value
             out[name] = values[k : len(updates) - k].mean(dim=0).to(ref.dtype)
@@ -136,12 +206,17 @@ class TrimmedMean(Aggregator):
 
 
 def _clipped_changes(
-    global_state: TrainableState, updates: Sequence[ClientUpdate], max_norm: float
+    global_state: TrainableState, updates: Sequence[ClientUpdate], max_norm: float, held: Held = None
 ) -> tuple[list[TrainableState], list[float]]:
-    """Each update's change from the global state (float64), scaled down to an L2 norm of ``max_norm``."""
+    """Each update's change from the global state (float64; with ``held``, on its coordinates only), scaled
+    down to an L2 norm of ``max_norm``."""
     changes, norms = [], []
-    for u in updates:
+    for i, u in enumerate(updates):
         change = {n: u.state[n].to(torch.float64) - ref.to(torch.float64) for n, ref in global_state.items()}
+        if held is not None:
+            for n, ref in global_state.items():
+                if (mask := held_mask(held, i, n, ref)) is not None:
+                    change[n] = change[n] * mask
         norm = math.sqrt(sum(float(c.pow(2).sum()) for c in change.values()))
         scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
         changes.append({n: c * scale for n, c in change.items()})
@@ -159,15 +234,26 @@ class NormBounded(Aggregator):
         self.max_norm = max_norm
         self._clipped = 0.0
 
-    def combine(self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]) -> TrainableState:
-        changes, norms = _clipped_changes(global_state, updates, self.max_norm)
+    def combine(
+        self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate], held: Held = None
+    ) -> TrainableState:
+        changes, norms = _clipped_changes(global_state, updates, self.max_norm, held)
         self._clipped = float(sum(norm > self.max_norm for norm in norms))
         out: TrainableState = {}
         for name, ref in global_state.items():
             acc = ref.to(torch.float64).clone()
-            for change, weight in zip(changes, _weights(updates), strict=True):
-                acc += change[name] * weight
-            out[name] = acc.to(ref.dtype)
+            if held is None:
+                for change, weight in zip(changes, _weights(updates), strict=True):
+                    acc += change[name] * weight
+                out[name] = acc.to(ref.dtype)
+                continue
+            step, mass = torch.zeros_like(acc), torch.zeros_like(acc)
+            for i, (change, weight) in enumerate(zip(changes, _weights(updates), strict=True)):
+                mask = held_mask(held, i, name, ref)
+                share = weight if mask is None else mask * weight
+                step += change[name] * share
+                mass += share
+            out[name] = (acc + torch.where(mass > 0, step / mass.clamp_min(1e-300), 0.0)).to(ref.dtype)
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -243,8 +329,10 @@ class DPGaussian(Aggregator):
                 f"(epsilon {self.epsilon(1):.3g}); raise noise_multiplier or max_epsilon"
             )
 
-    def combine(self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]) -> TrainableState:
-        changes, norms = _clipped_changes(global_state, updates, self.clip_norm)
+    def combine(
+        self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate], held: Held = None
+    ) -> TrainableState:
+        changes, norms = _clipped_changes(global_state, updates, self.clip_norm, held)
         self._clipped = float(sum(norm > self.clip_norm for norm in norms))
         std = self.noise_multiplier * self.clip_norm / self.clients_per_round
         gen = torch.Generator().manual_seed(derived_seed(self.seed, round_idx, 17, scales=(SEED_SCALE, 7_919, 1)))
@@ -252,6 +340,13 @@ class DPGaussian(Aggregator):
         for name, ref in global_state.items():
             total = sum((change[name] for change in changes), torch.zeros(ref.shape, dtype=torch.float64))
             noise = torch.randn(ref.shape, generator=gen, dtype=torch.float64) * std
+            if held is not None:
+                # Per coordinate, the sum's noise (std noise_multiplier * clip) over its public holder count;
+                # the sum's sensitivity is still clip_norm, so each coordinate is the same Gaussian mechanism.
+                count = _holders(held, name, ref, len(updates)).sum(dim=0)
+                noisy = (total + noise * self.clients_per_round) / count.clamp_min(1.0)
+                out[name] = (ref.to(torch.float64) + torch.where(count > 0, noisy, 0.0)).to(ref.dtype)
+                continue
             # The fixed denominator: the round's planned size, so one client's sensitivity is clip / m.
             out[name] = (ref.to(torch.float64) + total / self.clients_per_round + noise).to(ref.dtype)
         self.rounds += 1

@@ -57,10 +57,15 @@ class FederatedRun:
 class FederatedAlgorithm(Callback):
     """Base class of the algorithms RoundSync runs (see the module docstring).
 
-    ``requires`` names algorithms that must be in the same Trainer (RoundSync checks it).
+    ``requires`` names algorithms that must be in the same Trainer (RoundSync checks it);
+    ``sizes_per_client`` says the algorithm gives clients configurations of their own.
     """
 
     requires: tuple[type[FederatedAlgorithm], ...] = ()
+    # True for an algorithm that hands each client a configuration of its own (FedARA's prefixes on a
+    # fleet, HeterogeneousLoRA's ranks): it checks that its smallest one fits every device's memory, where
+    # RoundSync would otherwise check the global configuration.
+    sizes_per_client: bool = False
 
     def configure(self, run: FederatedRun) -> Strategy | None:
         """Set up for ``run`` (on every process) and return the server half, or ``None`` if there is none.

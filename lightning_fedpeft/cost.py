@@ -41,17 +41,24 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_fedpeft.cache import encoder_parts, frozen_boundary, only_layers
+from lightning_fedpeft.fleet import Fleet
 
 MB = 1e6
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """How fast a device trains: ``overhead_s + flops / flops_per_s`` seconds per batch."""
+    """How fast a device trains (``overhead_s + flops / flops_per_s`` seconds per batch), and how much memory
+    a training process may use there (``memory_gb``, 1 GB = 1e9 B; ``None``: not limited)."""
 
     name: str
     flops_per_s: float
     overhead_s: float = 0.0
+    memory_gb: float | None = None
+
+    def fits(self, nbytes: float) -> bool:
+        """Whether a training process of ``nbytes`` fits this device's memory."""
+        return self.memory_gb is None or nbytes <= self.memory_gb * 1e9
 
     def batch_seconds(self, flops: float) -> float:
         return self.overhead_s + flops / self.flops_per_s
@@ -90,7 +97,8 @@ def load_device_profiles(path: str | Path | None = None) -> dict[str, DeviceProf
             slowdown = float(entry.get("slowdown", 1.0))
             if not slowdown > 0:
                 raise ValueError(f"{where}: profile {name!r} slowdown={slowdown} must be positive")
-            profile = DeviceProfile(name, base.flops_per_s / slowdown, base.overhead_s * slowdown)
+            memory = _memory_gb(entry, name, where, base.memory_gb)
+            profile = DeviceProfile(name, base.flops_per_s / slowdown, base.overhead_s * slowdown, memory)
         else:
             try:
                 flops = float(entry["flops_per_s"])
@@ -98,13 +106,25 @@ def load_device_profiles(path: str | Path | None = None) -> dict[str, DeviceProf
                 raise ValueError(f"{where}: profile {name!r} needs flops_per_s (a positive number) or like:") from err
             if not flops > 0:
                 raise ValueError(f"{where}: profile {name!r} flops_per_s={flops} must be positive")
-            profile = DeviceProfile(name, flops, float(entry.get("overhead_s", 0.0)))
+            profile = DeviceProfile(name, flops, float(entry.get("overhead_s", 0.0)), _memory_gb(entry, name, where))
         out[name] = profile
         return profile
 
     for name in raw:
         resolve(str(name))
     return out
+
+
+def _memory_gb(entry: Mapping[str, Any], name: str, where: str, inherited: float | None = None) -> float | None:
+    if "memory_gb" not in entry:
+        return inherited
+    try:
+        memory = float(entry["memory_gb"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: profile {name!r} memory_gb={entry['memory_gb']!r} must be a number of GB") from err
+    if not (math.isfinite(memory) and memory > 0):
+        raise ValueError(f"{where}: profile {name!r} memory_gb={memory} must be a positive number of GB")
+    return memory
 
 
 class _InputRequiresGrad:
@@ -178,23 +198,52 @@ def count_train_flops(
 
 
 class CostModel:
-    """Simulated seconds of a client's round on an edge device.
+    """Simulated seconds of a client's round on an edge device, and whether its training fits there.
 
     Args:
-        device: a profile name from ``devices_file`` (packaged: ``tx2``, ``nano``, ``rpi4b``, ``orin_nano``).
+        device: a profile name from ``devices_file`` (packaged: ``tx2``, ``nano``, ``rpi4b``, ``orin_nano``);
+            every client's device unless ``fleet`` says otherwise.
         bandwidth_mbps: network bandwidth each way, in MB/s.
         devices_file: a YAML file of device profiles (see ``resources/devices.yaml`` for the format).
+        fleet: a mixed fleet (:class:`~lightning_fedpeft.fleet.Fleet`): each client's device, dealt once
+            the run knows its clients and seed (:meth:`bind`).
     """
 
-    def __init__(self, device: str = "tx2", bandwidth_mbps: float = 1.0, devices_file: str | None = None) -> None:
+    def __init__(
+        self,
+        device: str = "tx2",
+        bandwidth_mbps: float = 1.0,
+        devices_file: str | None = None,
+        fleet: Fleet | None = None,
+    ) -> None:
         profiles = load_device_profiles(devices_file)
         if device not in profiles:
             raise ValueError(f"cost_model.device={device!r} is unknown; known profiles: {', '.join(sorted(profiles))}")
         if not (bandwidth_mbps > 0 and math.isfinite(bandwidth_mbps)):
             raise ValueError(f"cost_model.bandwidth_mbps={bandwidth_mbps} must be a positive number of MB/s")
+        self.profiles = profiles
         self.device = profiles[device]
         self.bandwidth_mbps = float(bandwidth_mbps)
+        self.fleet = fleet
+        self.client_devices: list[str] = []  # per client, once bound (a fleet); empty: every client on `device`
         self._counts: dict[tuple, tuple[float, tuple[float, ...], tuple[float, ...]]] = {}
+
+    def bind(self, num_clients: int, seed: int) -> None:
+        """Deal the fleet (if any) over ``num_clients`` clients from ``seed``; ``ValueError`` naming the setting."""
+        if self.fleet is not None:
+            self.client_devices = self.fleet.deal(num_clients, seed, list(self.profiles))
+
+    def device_of(self, client_id: int | None) -> DeviceProfile:
+        """The profile client ``client_id`` trains on (``device`` without a fleet or a client)."""
+        if client_id is None or not self.client_devices:
+            return self.device
+        return self.profiles[self.client_devices[client_id]]
+
+    def fleet_profiles(self) -> list[DeviceProfile]:
+        """Every profile some client runs on (the one ``device`` without a fleet)."""
+        if not self.client_devices:
+            return [self.device]
+        return [self.profiles[name] for name in dict.fromkeys(self.client_devices)]
 
     def comm_seconds(self, nbytes: float) -> float:
         return nbytes / (self.bandwidth_mbps * MB)
@@ -215,15 +264,84 @@ class CostModel:
         batch_size, length = ids.shape
         return once + batch_size * _through(per_example, length), _through(bottoms, length)
 
-    def batch_seconds(self, model: nn.Module, batch: Mapping[str, torch.Tensor], cache: Any = None) -> float:
-        """Device seconds of one training step on ``batch`` (plus cache fills, if the cache missed)."""
+    def batch_seconds(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor], cache: Any = None, client_id: int | None = None
+    ) -> float:
+        """Device seconds of one training step on ``batch`` (plus cache fills, if the cache missed), on
+        client ``client_id``'s device."""
         last = getattr(cache, "last", None) or {}
         cached = last.get("boundary", 0) > 0
         step, bottom = self.step_flops(model, batch, cached)
-        seconds = self.device.batch_seconds(step)
+        device = self.device_of(client_id)
+        seconds = device.batch_seconds(step)
         if cached and last.get("misses", 0):
-            seconds += bottom * last["misses"] / self.device.flops_per_s
+            seconds += bottom * last["misses"] / device.flops_per_s
         return seconds
+
+    def round_seconds(
+        self,
+        model: nn.Module,
+        batch: Mapping[str, torch.Tensor],
+        local_batches: float,
+        nbytes: float,
+        device: DeviceProfile,
+        cached: bool = False,
+    ) -> float:
+        """Predicted seconds of a client round on ``device``: ``local_batches`` steps of ``model`` as it
+        stands on batches shaped like ``batch``, plus ``nbytes`` down and ``nbytes`` up."""
+        step, _ = self.step_flops(model, batch, cached)
+        return device.batch_seconds(step) * local_batches + 2 * self.comm_seconds(nbytes)
+
+
+def check_memory(
+    cost_model: CostModel,
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    what: str,
+    profiles: Sequence[DeviceProfile] | None = None,
+) -> int:
+    """Raise ``ValueError`` naming the profile if training ``model`` on ``batch`` (its counted memory,
+    :func:`train_memory_bytes`) does not fit some device of the run (or of ``profiles``); return the bytes."""
+    need = train_memory_bytes(model, batch)
+    for profile in cost_model.fleet_profiles() if profiles is None else profiles:
+        if not profile.fits(need):
+            raise ValueError(
+                f"cost_model device profile {profile.name!r} (memory_gb={profile.memory_gb:g}) cannot hold {what}: "
+                f"{need / 1e9:.3g} GB counted (weights, gradients and AdamW moments of the trainable part, saved "
+                f"activations of one batch); raise its memory_gb, use a smaller model, batch or configuration, or "
+                f"drop that device from cost_model.fleet"
+            )
+    return need
+
+
+def train_memory_bytes(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> int:
+    """Bytes a training step of ``model`` on ``batch`` holds at its peak, counted, not measured:
+
+    every parameter and buffer, plus three more copies of each trainable parameter (its gradient and
+    AdamW's two moments), plus the activations autograd saves for the backward pass (tensor storages
+    recorded by ``saved_tensors_hooks`` during one forward, each once, parameters not counted twice).
+    What it leaves out (the framework's own code and workspace, the allocator's slack) is what a device
+    profile's ``memory_gb`` should leave room for: it is the memory a training process may *use*.
+    """
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    total += 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    return total + sum(saved.values())
 
 
 # Sequence lengths of the three one-example probes a configuration is counted on (any three distinct

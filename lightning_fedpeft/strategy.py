@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lightning_fedpeft.aggregation import Aggregator, ServerOptimizer, WeightedMean
+from lightning_fedpeft.aggregation import Aggregator, Held, ServerOptimizer, WeightedMean
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
 from lightning_fedpeft.seeds import SEED_SCALE, derived_seed
 
@@ -157,9 +157,16 @@ class FedAvg(Strategy):
     def aggregate(
         self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
     ) -> TrainableState:
+        return self.combine(round_idx, global_state, updates)
+
+    def combine(
+        self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate], held: Held = None
+    ) -> TrainableState:
+        """The aggregator's combination (each client on its ``held`` coordinates, if given), then the server
+        optimizer's step; the global state as it is when there is no update."""
         if not updates:
             return {k: v.clone() for k, v in global_state.items()}
-        combined = self.aggregator.combine(round_idx, global_state, updates)
+        combined = self.aggregator.combine(round_idx, global_state, updates, held)
         if self.server_optimizer is not None:
             combined = self.server_optimizer.step(global_state, combined)
         return combined

@@ -5,12 +5,14 @@ from lightning_fedpeft.callbacks.round_sync import RoundSync
 from lightning_fedpeft.fedadapter import ProgressiveUpgrade
 from lightning_fedpeft.fedara import ModulePruning, RankAllocation
 from lightning_fedpeft.fedprox import FedProx
+from lightning_fedpeft.hetlora import HeterogeneousLoRA
 from lightning_fedpeft.resources import ClientResources
 
 __all__ = [
     "ClientResources",
     "FedProx",
     "FederatedProgressBar",
+    "HeterogeneousLoRA",
     "ModulePruning",
     "ProgressiveUpgrade",
     "RankAllocation",

@@ -32,7 +32,7 @@ from lightning_fedpeft.callbacks.client_data import ClientData
 from lightning_fedpeft.callbacks.round_log import RoundLog, empty_rounds, refusals
 from lightning_fedpeft.callbacks.zero_reset import deepspeed_stage, prepare_deepspeed, reset_zero_optimizer
 from lightning_fedpeft.checkpoint import AtomicCheckpointIO
-from lightning_fedpeft.cost import CostModel
+from lightning_fedpeft.cost import CostModel, check_memory
 from lightning_fedpeft.devices import check_precision
 from lightning_fedpeft.errors import NoUpdateAccepted, SetupError
 from lightning_fedpeft.launchers import FederationAborted, RoundChannel, TransportConfig, make_launcher
@@ -179,6 +179,8 @@ class RoundSync(Callback):
         channel = self.launcher
         self._data = data = ClientData.take_over(trainer, pl_module, self.num_clients, channel, self.seed, RoundSync)
         prepare_deepspeed(trainer.strategy, data.batch_size)
+        if self.cost_model is not None:
+            self.cost_model.bind(data.num_clients, self.seed)  # deals a fleet: checked before any training
         run = FederatedRun(
             trainer=trainer,
             pl_module=pl_module,
@@ -197,6 +199,10 @@ class RoundSync(Callback):
         if self.server_optimizer is not None:
             self.strategy.use_server_optimizer(self.server_optimizer)
         self.strategy.validate(data.num_clients)
+        if self.cost_model is not None and self.cost_model.client_devices:
+            if not any(a.sizes_per_client for a in self.algorithms):  # else the algorithm checks its smallest
+                model = getattr(pl_module, "model", pl_module)
+                check_memory(self.cost_model, model, _on(data.sample_batch(), pl_module), "the global configuration")
         channel.check_round_size(self.clients_per_round)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a kill mid-write must not break last.ckpt
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -280,7 +286,9 @@ class RoundSync(Callback):
         sim_s = 0.0
         if self.cost_model is not None:
             model = getattr(pl_module, "model", pl_module)
-            sim_s = self.cost_model.batch_seconds(model, batch, getattr(pl_module, "activation_cache", None))
+            cache = getattr(pl_module, "activation_cache", None)
+            client = local.client.client_id if local.client is not None else None
+            sim_s = self.cost_model.batch_seconds(model, batch, cache, client_id=client)
         local.record_step(loss if isinstance(loss, torch.Tensor) else None, sim_s)
         if local.ends_client(batch_idx):
             self._finish_client(pl_module)
@@ -422,6 +430,10 @@ class RoundSync(Callback):
         self._reference = state_dict.get("reference")
         if self.strategy is not None and "strategy" in state_dict:
             self.strategy.load_state_dict(state_dict["strategy"])
+
+
+def _on(batch: dict[str, torch.Tensor], pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _continue_at(trainer: pl.Trainer, round_idx: int) -> None:

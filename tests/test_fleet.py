@@ -1,0 +1,286 @@
+"""A mixed fleet: dealing devices, memory, per-coordinate aggregation and heterogeneous LoRA, by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_fedpeft import FedPEFTModule, HeterogeneousLoRA, RoundSync, SetupError
+from lightning_fedpeft.aggregation import CoordinateMedian, DPGaussian, NormBounded, TrimmedMean, WeightedMean
+from lightning_fedpeft.cost import CostModel, load_device_profiles, train_memory_bytes
+from lightning_fedpeft.fleet import Fleet
+from lightning_fedpeft.hetlora import HeteroLoRAStrategy, RankCut, rank_masks
+from lightning_fedpeft.protocol import ClientUpdate
+from lightning_fedpeft.resources import ClientResources
+from lightning_fedpeft.state import trainable_state
+
+# -- the fleet ----------------------------------------------------------------------------------------------------
+
+
+def test_fractions_are_dealt_by_largest_remainder_from_the_seed_alone() -> None:
+    fleet = Fleet(fractions={"rpi4b": 0.5, "orin_nano": 0.3, "tx2": 0.2})
+    known = list(load_device_profiles())
+    devices = fleet.deal(7, seed=3, known=known)
+    # 3.5, 2.1, 1.4 -> floors 3, 2, 1 and the one left goes to the largest remainder (rpi4b's 0.5)
+    assert sorted(devices) == sorted(["rpi4b"] * 4 + ["orin_nano"] * 2 + ["tx2"])
+    assert fleet.deal(7, seed=3, known=known) == devices, "the same seed deals the same fleet"
+    assert any(fleet.deal(7, seed=s, known=known) != devices for s in range(4, 10)), "the seed decides who gets what"
+
+
+def test_a_mapping_file_gives_each_client_its_device(tmp_path: Path) -> None:
+    known = list(load_device_profiles())
+    yaml_file = tmp_path / "fleet.yaml"
+    yaml_file.write_text("0: tx2\n1: rpi4b\n2: tx2\n")
+    assert Fleet(mapping_file=str(yaml_file)).deal(3, seed=0, known=known) == ["tx2", "rpi4b", "tx2"]
+    csv_file = tmp_path / "fleet.csv"
+    csv_file.write_text("client,device\n1,nano\n0,orin_nano\n")
+    assert Fleet(mapping_file=str(csv_file)).deal(2, seed=0, known=known) == ["orin_nano", "nano"]
+    with pytest.raises(ValueError, match=r"mapping_file.*missing \[3\]"):
+        Fleet(mapping_file=str(yaml_file)).deal(4, seed=0, known=known)
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"fractions": {"rpi4b": 0.5, "tx2": 0.4}}, r"fractions sum to 0.9, not 1"),
+        ({"fractions": {"rpi4b": 0.5, "tx2": 0.5}, "mapping_file": "x.yaml"}, "exactly one of"),
+        ({}, "exactly one of"),
+        ({"fractions": {"rpi4b": 1.5}}, r"fractions\['rpi4b'\]=1.5"),
+        ({"fractions": {"tx2": 1.0}, "round_budget_s": -1.0}, "round_budget_s=-1.0"),
+    ],
+)
+def test_bad_fleet_settings_are_refused_naming_the_setting(settings: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Fleet(**settings)
+
+
+def test_an_unknown_profile_is_refused_when_the_cost_model_deals_the_fleet() -> None:
+    cost = CostModel(fleet=Fleet(fractions={"rpi5": 0.5, "tx2": 0.5}))
+    with pytest.raises(ValueError, match=r"unknown device profile\(s\) \['rpi5'\]"):
+        cost.bind(4, seed=0)
+
+
+def test_each_client_is_timed_on_its_own_device() -> None:
+    cost = CostModel(fleet=Fleet(fractions={"rpi4b": 0.5, "tx2": 0.5}))
+    cost.bind(4, seed=0)
+    model = FedPEFTModule(num_labels=3, num_hidden_layers=2, method="lora", rank=2).model
+    ids = torch.randint(1000, 5000, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+    seconds = {cost.client_devices[c]: cost.batch_seconds(model, batch, client_id=c) for c in range(4)}
+    # rpi4b is 20x the TX2's time per batch (the published ratio; overhead scaled alike)
+    assert seconds["rpi4b"] == pytest.approx(20 * seconds["tx2"])
+
+
+def test_counted_memory_is_within_what_the_process_measures(stackoverflow, trainer_factory) -> None:
+    # The count (weights, 3x the trainable part, saved activations) cannot exceed what the process really
+    # holds while training (its peak RSS also has Python, torch and the data); and its activation part
+    # grows with the batch as autograd's saved storages do.
+    data = stackoverflow(num_clients=2, max_train_examples=16, max_val_examples=8, max_test_examples=8)
+    model = FedPEFTModule(num_labels=20, num_hidden_layers=2, method="lora", rank=4)
+    resources = ClientResources()
+    trainer = trainer_factory(
+        max_epochs=1, callbacks=[RoundSync(clients_per_round=1, num_clients=2), resources], limit_val_batches=0
+    )
+    trainer.fit(model, datamodule=data)
+    row = RoundSync.find(trainer).history[-1]
+    batch = next(iter(data.train_dataloader()))
+    counted = train_memory_bytes(model.model, batch)
+    assert counted / 2**20 < row["peak_rss_mb"]
+    params = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    assert counted > params
+    small = {k: v[:1] for k, v in batch.items()}
+    assert train_memory_bytes(model.model, small) < counted
+
+
+# -- per-coordinate aggregation, against references computed by hand ---------------------------------------------
+
+
+def _three() -> tuple[dict, list[ClientUpdate], list[dict]]:
+    glob = {"w": torch.zeros(4)}
+    values = [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]]
+    updates = [
+        ClientUpdate(i, 0, n, {"w": torch.tensor(v)}) for i, (v, n) in enumerate(zip(values, [1, 2, 3], strict=True))
+    ]
+    held = [  # client 0 holds the first three coordinates, client 1 the first two, client 2 the first; none the last
+        {"w": torch.tensor([True, True, True, False])},
+        {"w": torch.tensor([True, True, False, False])},
+        {"w": torch.tensor([True, False, False, False])},
+    ]
+    return glob, updates, held
+
+
+def test_every_rule_works_per_coordinate_over_the_clients_that_hold_it() -> None:
+    glob, updates, held = _three()
+    # coordinate 0: all three (weights 1, 2, 3); 1: clients 0, 1; 2: client 0; 3: nobody (keeps 0)
+    mean = WeightedMean().combine(0, glob, updates, held)["w"]
+    expected = [(1 * 1 + 5 * 2 + 9 * 3) / 6, (2 * 1 + 6 * 2) / 3, 3.0, 0.0]
+    torch.testing.assert_close(mean, torch.tensor(expected))
+    median = CoordinateMedian().combine(0, glob, updates, held)["w"]
+    torch.testing.assert_close(median, torch.tensor([5.0, (2.0 + 6.0) / 2, 3.0, 0.0]))
+    trimmed = TrimmedMean(trim=1)
+    trimmed.bind(3, 3, 0)
+    # three holders: drop 1 and 9 -> 5; two holders keep both; one keeps one
+    torch.testing.assert_close(trimmed.combine(0, glob, updates, held)["w"], torch.tensor([5.0, 4.0, 3.0, 0.0]))
+    bounded = NormBounded(max_norm=1e6).combine(0, glob, updates, held)["w"]
+    torch.testing.assert_close(bounded, mean)
+    # every client held whole: the per-coordinate path gives the plain rule's numbers
+    whole = [{"w": torch.ones(4, dtype=torch.bool)}] * 3
+    torch.testing.assert_close(
+        WeightedMean().combine(0, glob, updates, whole)["w"], WeightedMean().combine(0, glob, updates)["w"]
+    )
+
+
+def test_dp_noise_is_the_sums_noise_over_each_coordinates_holders() -> None:
+    glob, updates, held = _three()
+    dp = DPGaussian(clip_norm=100.0, noise_multiplier=0.5)
+    dp.bind(3, 30, seed=0)
+    out = dp.combine(4, glob, updates, held)["w"]
+    plain = DPGaussian(clip_norm=100.0, noise_multiplier=0.5)
+    plain.bind(3, 30, seed=0)
+    # The same round draws the same noise: recover it from the plain rule (sum / 3 + noise * 100 * 0.5 / 3).
+    noise = (plain.combine(4, glob, updates)["w"] - torch.tensor([15.0, 18.0, 21.0, 24.0]) / 3) * 3 / 50.0
+    sums, counts = torch.tensor([15.0, 8.0, 3.0, 0.0]), torch.tensor([3.0, 2.0, 1.0, 0.0])
+    expected = torch.where(counts > 0, (sums + noise * 50.0) / counts.clamp_min(1), 0.0)
+    torch.testing.assert_close(out, expected)
+
+
+# -- heterogeneous LoRA ---------------------------------------------------------------------------------------------
+
+
+def _lora_state(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"m.q.lora_A.default.weight": a, "m.q.lora_B.default.weight": b, "m.head.weight": torch.zeros(2)}
+
+
+def test_both_hetlora_rules_against_a_dense_reference_by_hand() -> None:
+    r, d_in, d_out = 3, 2, 2
+    glob = _lora_state(torch.full((r, d_in), 7.0), torch.full((d_out, r), 7.0))
+    ranks, examples = [1, 2, 3], [1, 1, 2]
+    updates = []
+    for cid, rank in enumerate(ranks):
+        a, b = glob["m.q.lora_A.default.weight"].clone(), glob["m.q.lora_B.default.weight"].clone()
+        a[:rank] = float(cid + 1)  # what client cid trained: its first `rank` ranks
+        b[:, :rank] = -float(cid + 1)
+        head = torch.full((2,), float(cid))
+        state = {"m.q.lora_A.default.weight": a, "m.q.lora_B.default.weight": b, "m.head.weight": head}
+        updates.append(ClientUpdate(cid, 0, examples[cid], state))
+    # Rank i's row of A by hand: per coordinate over the clients whose rank exceeds i (weights 1, 1, 2).
+    per_rank_holders = [[0, 1, 2], [1, 2], [2]]
+    exact_a = [sum((c + 1) * examples[c] for c in h) / sum(examples[c] for c in h) for h in per_rank_holders]
+    # Zero-padding: every client counts, with zeros beyond its rank (total weight 4).
+    padded_a = [sum((c + 1) * examples[c] for c in h) / 4 for h in per_rank_holders]
+    head = sum(c * examples[c] for c in range(3)) / 4
+    for rule, rows in (("per_coordinate", exact_a), ("zero_pad", padded_a)):
+        strategy = HeteroLoRAStrategy(3, ranks, rule=rule)
+        strategy.validate(3)
+        strategy.initialize(glob)
+        out = strategy.aggregate(0, glob, updates)
+        expected_a = torch.tensor(rows).reshape(r, 1).expand(r, d_in)
+        torch.testing.assert_close(out["m.q.lora_A.default.weight"], expected_a, msg=rule)
+        torch.testing.assert_close(out["m.q.lora_B.default.weight"], -expected_a.T.expand(d_out, r), msg=rule)
+        torch.testing.assert_close(out["m.head.weight"], torch.full((2,), head), msg=rule)
+    # The per-coordinate rule does not shrink rank 2 (held by one client) towards zero; zero-padding does.
+    assert exact_a[2] == 3.0 and padded_a[2] == 1.5
+
+
+def test_an_update_that_changed_ranks_beyond_its_own_is_rejected() -> None:
+    glob = _lora_state(torch.zeros(3, 2), torch.zeros(2, 3))
+    strategy = HeteroLoRAStrategy(1, [1], rule="per_coordinate")
+    strategy.initialize(glob)
+    honest = dict(glob) | {"m.q.lora_A.default.weight": torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])}
+    assert strategy.check_update(ClientUpdate(0, 0, 1, honest)) is None
+    greedy = dict(glob) | {"m.q.lora_A.default.weight": torch.ones(3, 2)}
+    assert "beyond the first 1 ranks" in strategy.check_update(ClientUpdate(0, 0, 1, greedy))
+    assert rank_masks(glob, 2)["m.q.lora_B.default.weight"].tolist() == [[True, True, False]]
+
+
+def test_a_rank_cut_is_the_global_model_without_its_last_ranks() -> None:
+    torch.manual_seed(0)
+    module = FedPEFTModule(num_labels=3, num_hidden_layers=2, method="lora", rank=4).eval()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    before = trainable_state(module)
+    ids = torch.randint(1000, 5000, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    # By hand: rank 2 = the last two ranks' B columns zeroed in the full model.
+    zeroed = {
+        k: (v.clone().index_fill_(1, torch.tensor([2, 3]), 0.0) if "lora_B" in k else v) for k, v in before.items()
+    }
+    module.set_trainable_state(zeroed)
+    reference = module.model(**batch).logits
+    module.set_trainable_state(before)
+    cut = RankCut(module.model, 2)
+    assert all(tuple(p.shape)[0] == 2 for n, p in module.named_parameters() if "lora_A" in n)
+    torch.testing.assert_close(module.model(**batch).logits, reference)
+    with torch.no_grad():  # "training" the cut ranks
+        for name, p in module.named_parameters():
+            if "lora_A" in name:
+                p.add_(1.0)
+    cut.restore()
+    after = trainable_state(module)
+    for k, v in before.items():
+        if "lora_A" in k:
+            torch.testing.assert_close(after[k][:2], v[:2] + 1.0)
+            torch.testing.assert_close(after[k][2:], v[2:])
+        else:
+            torch.testing.assert_close(after[k], v)
+
+
+# -- heterogeneous LoRA in a run ------------------------------------------------------------------------------------
+
+
+def _hetlora_run(data, trainer_factory, hetero: HeterogeneousLoRA, cost: CostModel, epochs: int = 2, **kw):
+    model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method="lora", rank=4, lr=5e-3)
+    sync = RoundSync(clients_per_round=3, seed=0, eval_every=10, cost_model=cost, **kw)
+    trainer = trainer_factory(max_epochs=epochs, callbacks=[sync, hetero], limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    return model, sync
+
+
+def test_a_fleet_trains_each_device_at_its_rank(stackoverflow, trainer_factory) -> None:
+    data = stackoverflow(num_clients=6, max_train_examples=96, max_val_examples=16, max_test_examples=16)
+    cost = CostModel(fleet=Fleet(fractions={"rpi4b": 0.5, "tx2": 0.5}))
+    hetero = HeterogeneousLoRA(ranks={"rpi4b": 1, "tx2": 4})
+    model, sync = _hetlora_run(data, trainer_factory, hetero, cost)
+    rows = sync.history
+    assert len(rows) == 2 and all(1 <= r["mean_client_rank"] <= 4 for r in rows)
+    assert all(p.shape[0] == 4 for n, p in model.named_parameters() if "lora_A" in n), "the global state is full rank"
+    devices = cost.client_devices
+    assert sorted(devices) == ["rpi4b"] * 3 + ["tx2"] * 3
+
+
+@pytest.mark.parametrize(
+    ("hetero", "fleet", "match"),
+    [
+        ({"ranks": {"rpi4b": 1}}, {"fractions": {"rpi4b": 0.5, "tx2": 0.5}}, r"no rank to the fleet's device profile"),
+        (
+            {"ranks": {"rpi4b": 1, "tx2": 9}},
+            {"fractions": {"rpi4b": 0.5, "tx2": 0.5}},
+            r"exceed the model's LoRA rank 4",
+        ),
+        ({"ranks": {"tx2": 1}}, None, "needs a fleet"),
+    ],
+)
+def test_bad_hetero_lora_setups_are_refused_before_training(stackoverflow, trainer_factory, hetero, fleet, match):
+    data = stackoverflow(num_clients=4, max_train_examples=40, max_val_examples=8, max_test_examples=8)
+    cost = CostModel(fleet=Fleet(**fleet) if fleet else None)
+    with pytest.raises(SetupError, match=match):
+        _hetlora_run(data, trainer_factory, HeterogeneousLoRA(**hetero), cost)
+
+
+def test_a_device_too_small_for_its_smallest_configuration_is_refused(stackoverflow, trainer_factory, tmp_path):
+    profiles = tmp_path / "devices.yaml"
+    profiles.write_text("big: {flops_per_s: 1.0e11, memory_gb: 8}\ntiny: {like: big, slowdown: 4, memory_gb: 0.01}\n")
+    data = stackoverflow(num_clients=4, max_train_examples=40, max_val_examples=8, max_test_examples=8)
+    cost = CostModel(device="big", devices_file=str(profiles), fleet=Fleet(fractions={"big": 0.5, "tiny": 0.5}))
+    with pytest.raises(SetupError, match=r"profile 'tiny' \(memory_gb=0.01\) cannot hold LoRA rank 1"):
+        _hetlora_run(data, trainer_factory, HeterogeneousLoRA(ranks={"big": 4, "tiny": 1}), cost)
+    # Without per-client configurations, the global one is checked the same way.
+    cost = CostModel(device="big", devices_file=str(profiles), fleet=Fleet(fractions={"big": 0.5, "tiny": 0.5}))
+    model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method="lora", rank=4)
+    trainer = trainer_factory(max_epochs=1, callbacks=[RoundSync(clients_per_round=2, cost_model=cost)])
+    with pytest.raises(SetupError, match=r"profile 'tiny' .* cannot hold the global configuration"):
+        trainer.fit(model, datamodule=data)
