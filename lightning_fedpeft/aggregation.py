@@ -88,6 +88,13 @@ def held_mask(held: Held, index: int, name: str, ref: torch.Tensor) -> torch.Ten
     return held[index][name].to(torch.float64).expand(ref.shape)
 
 
+def held_share(state: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor]) -> float:
+    """The share of ``state``'s elements that one client's ``held`` masks mark (tensors not named count whole)."""
+    total = sum(t.numel() for t in state.values())
+    kept = sum(int(held[k].expand(t.shape).sum()) if k in held else t.numel() for k, t in state.items())
+    return kept / total if total else 1.0
+
+
 def _holders(held: Held, name: str, ref: torch.Tensor, count: int) -> torch.Tensor:
     """``(count, *ref.shape)`` float64 0/1: which update holds which coordinate of ``name``."""
     ones = torch.ones(ref.shape, dtype=torch.float64)

@@ -127,7 +127,8 @@ class FederatedServer:
         self.record.wire_bytes_up += up
         compute = update.metrics.get("sim_compute_s")
         if self.cost_model is not None and compute is not None:
-            comm = self.cost_model.comm_seconds(self._wire_down) + self.cost_model.comm_seconds(up)
+            share = self.strategy.transfer_share(update.client_id)  # a fleet client's part of the state
+            comm = self.cost_model.comm_seconds(self._wire_down * share) + self.cost_model.comm_seconds(up * share)
             self._sim_seconds[update.client_id] = compute + comm
         self._updates.append(update)
         return True

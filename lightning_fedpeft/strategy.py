@@ -81,6 +81,14 @@ class Strategy:
         """Combine the accepted client updates (in client-id order) into the next global state."""
         raise NotImplementedError
 
+    def transfer_share(self, client_id: int) -> float:
+        """The share of the state's elements client ``client_id`` exchanges this round (1.0: all of it).
+
+        A strategy that has clients train part of the state (a fleet's prefixes and ranks) returns the part's
+        share: the simulated clock counts only that part each way, as a server would send and take only it.
+        """
+        return 1.0
+
     def advance_clock(self, round_s: float) -> None:
         """Count the round just aggregated, which took ``round_s`` simulated seconds (its slowest client)."""
         self.sim_time_s += round_s

@@ -198,7 +198,8 @@ def test_every_baseline_config_parses(tmp_path: Path) -> None:
         written = yaml.safe_load(config.read_text())
         cost = resolved["federation"]["cost_model"]
         assert cost["class_path"] == "lightning_fedpeft.cost.CostModel", config.name
-        assert cost["init_args"] == {"device": "tx2", "bandwidth_mbps": 1.0, "devices_file": None}, config.name
+        expected = {"device": "tx2", "bandwidth_mbps": 1.0, "devices_file": None, "fleet": None}
+        assert cost["init_args"] == expected, config.name
         assert resolved["model"]["method"] == written["model"]["method"], config.name
         assert resolved["data"]["num_clients"] == 100 and resolved["data"]["alpha"] == 1.0, config.name
 
@@ -251,6 +252,18 @@ def test_every_fedara_config_parses(tmp_path: Path) -> None:
         assert resolved["model"]["method"] == methods[config.name]
         paths = [cb["class_path"] for cb in resolved["trainer"]["callbacks"]]
         assert paths == expected_callbacks[config.name], (config.name, paths)
+
+
+def test_every_fleet_config_parses(tmp_path: Path) -> None:
+    configs = sorted((REPO / "configs" / "fleet").glob("*.yaml"))
+    assert [c.name for c in configs] == ["fedara_fleet.yaml", "hetero_lora.yaml"]
+    for config in configs:
+        resolved = _printed_config(config, tmp_path)
+        fleet = resolved["federation"]["cost_model"]["init_args"]["fleet"]
+        assert fleet["fractions"] == {"rpi4b": 0.5, "orin_nano": 0.3, "tx2": 0.2}, config.name
+        assert resolved["federation"]["clients_per_round"] == 10 and resolved["data"]["num_clients"] == 100
+    (hetero,) = _printed_config(REPO / "configs" / "fleet" / "hetero_lora.yaml", tmp_path)["trainer"]["callbacks"]
+    assert hetero["init_args"] == {"ranks": {"rpi4b": 2, "orin_nano": 8, "tx2": 8}, "rule": "per_coordinate"}
 
 
 def test_every_launch_recipe_is_valid_bash() -> None:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
 from lightning_fedpeft import FedPEFTModule, HeterogeneousLoRA, RoundSync, SetupError
 from lightning_fedpeft.aggregation import CoordinateMedian, DPGaussian, NormBounded, TrimmedMean, WeightedMean
 from lightning_fedpeft.cost import CostModel, load_device_profiles, train_memory_bytes
+from lightning_fedpeft.fedara import IMPORTANCE, BudgetSchedule, ModulePruning, RankAllocation, RankAllocationStrategy
+from lightning_fedpeft.fedara.strategy import PrefixCosts
 from lightning_fedpeft.fleet import Fleet
 from lightning_fedpeft.hetlora import HeteroLoRAStrategy, RankCut, rank_masks
 from lightning_fedpeft.protocol import ClientUpdate
 from lightning_fedpeft.resources import ClientResources
 from lightning_fedpeft.state import trainable_state
+from lightning_fedpeft.tuners.svd import TripletCut, svd_layers, triplet_keys
 
 # -- the fleet ----------------------------------------------------------------------------------------------------
 
@@ -284,3 +288,166 @@ def test_a_device_too_small_for_its_smallest_configuration_is_refused(stackoverf
     trainer = trainer_factory(max_epochs=1, callbacks=[RoundSync(clients_per_round=2, cost_model=cost)])
     with pytest.raises(SetupError, match=r"profile 'tiny' .* cannot hold the global configuration"):
         trainer.fit(model, datamodule=data)
+
+
+# -- FedARA on a fleet: nested prefixes of the importance order ------------------------------------------------------
+
+
+def _toy_svd_state(modules: int = 2, rank: int = 3) -> dict[str, torch.Tensor]:
+    state = {}
+    for m in range(modules):
+        e, a, b = triplet_keys(f"model.layer.{m}.query")
+        state[e] = torch.zeros(rank, 1)
+        state[a] = torch.zeros(rank, 2)
+        state[b] = torch.zeros(2, rank)
+    state["model.classifier.weight"] = torch.zeros(2)
+    return state
+
+
+def _fleet_strategy(devices: list[str], **kw) -> RankAllocationStrategy:
+    schedule = BudgetSchedule(init_budget=6, target_budget=6, total_rounds=10)
+    return RankAllocationStrategy(len(devices), schedule, seed=0, client_devices=devices, **kw)
+
+
+def test_prefixes_follow_the_importance_order_and_are_nested() -> None:
+    strategy = _fleet_strategy(["tx2", "rpi4b"])
+    strategy.start(_toy_svd_state())
+    m0, m1 = "model.layer.0.query", "model.layer.1.query"
+    strategy.scores[m0] = torch.tensor([0.9, 0.1, 0.5], dtype=torch.float64)
+    strategy.scores[m1] = torch.tensor([0.3, 0.7, 0.2], dtype=torch.float64)
+    assert strategy.importance_order() == [(m0, 0), (m1, 1), (m0, 2), (m1, 0), (m1, 2), (m0, 1)]
+    sizes, prefixes = strategy.candidate_prefixes()
+    assert sizes == [6, 4, 3, 2, 1]  # shares 1, 3/4, 1/2, 3/8 and 1/4 of 6 (rounded), 1/8 and 1/16 -> 1
+    for big, small in zip(prefixes, prefixes[1:], strict=False):
+        assert all(set(small.get(m, [])) <= set(ix) for m, ix in big.items()), "every prefix holds the smaller ones"
+    assert prefixes[-1] == {m0: [0]} and prefixes[-2] == {m0: [0], m1: [1]}
+
+
+def test_each_triplet_is_averaged_over_the_clients_that_trained_it() -> None:
+    # A set round budget (1 s): the median participant here would be an rpi4b, which would fit everything.
+    strategy = _fleet_strategy(["tx2", "rpi4b", "rpi4b"], device_memory_gb={"tx2": 8.0}, round_budget_s=1.0)
+    state = _toy_svd_state()
+    strategy.start(state)
+    m0, m1 = "model.layer.0.query", "model.layer.1.query"
+    strategy.scores[m0] = torch.tensor([0.9, 0.1, 0.5], dtype=torch.float64)
+    strategy.scores[m1] = torch.tensor([0.3, 0.7, 0.2], dtype=torch.float64)
+    (query,) = strategy.queries()
+    assert isinstance(query, PrefixCosts) and len(query.prefixes) == 5
+    # Scripted costs: the tx2 fits everything within 1 s; the rpi4b only the two smallest prefixes.
+    costs = [{"seconds": {"tx2": 1.0, "rpi4b": 10.0 - i}, "memory_bytes": 0} for i in range(5)]
+    costs[-2]["seconds"]["rpi4b"] = costs[-1]["seconds"]["rpi4b"] = 0.5
+    strategy.answer(query, costs)
+    plan = strategy.configure_round(0, 3)
+    told = {cid: plan.instructions[cid]["triplets"] for cid in plan.client_ids}
+    assert told[0] == {m0: [0, 1, 2], m1: [0, 1, 2]} and told[1] == told[2] == {m0: [0], m1: [1]}
+    # Every client moves what it trained to (client + 1), with 1, 2 and 3 examples; importance alike.
+    updates = []
+    for cid, examples in ((0, 1), (1, 2), (2, 3)):
+        new, tensors = {k: v.clone() for k, v in state.items()}, {}
+        for m in (m0, m1):
+            e, a, b = triplet_keys(m)
+            ix = told[cid].get(m, [])
+            new[e][ix], new[a][ix], new[b][:, ix] = cid + 1.0, cid + 1.0, cid + 1.0
+            imp = torch.zeros(3)
+            imp[ix] = 10.0 * (cid + 1)
+            tensors[m + IMPORTANCE] = imp
+        new["model.classifier.weight"] += cid + 1.0
+        update = ClientUpdate(cid, 0, examples, new, tensors=tensors)
+        assert strategy.check_update(update) is None
+        updates.append(update)
+    out = strategy.aggregate(0, state, updates)
+    e0, e1 = triplet_keys(m0)[0], triplet_keys(m1)[0]
+    # By hand: m0's triplet 0 and m1's triplet 1 were trained by all three (weights 1, 2, 3), the others by client 0.
+    both = (1 * 1 + 2 * 2 + 3 * 3) / 6
+    torch.testing.assert_close(out[e0].flatten(), torch.tensor([both, 1.0, 1.0]))
+    torch.testing.assert_close(out[e1].flatten(), torch.tensor([1.0, both, 1.0]))
+    torch.testing.assert_close(out["model.classifier.weight"], torch.full((2,), both))
+    # Importance likewise: (beta 0.5) half the old score plus half the holders' mean.
+    torch.testing.assert_close(strategy.scores[m0][1], torch.tensor(0.5 * 0.1 + 0.5 * 10.0, dtype=torch.float64))
+    torch.testing.assert_close(strategy.scores[m0][0], torch.tensor(0.5 * 0.9 + 0.5 * 10.0 * both, dtype=torch.float64))
+    assert strategy.transfer_share(1) < strategy.transfer_share(0) == 1.0
+    assert strategy.tables()["client_configs"][1] == {"round": 0, "client": 1, "device": "rpi4b", "triplets": 2}
+    # The order moved: the next round's prefixes are asked again. A client that changes a triplet it was
+    # not given is refused.
+    (query,) = strategy.queries()
+    strategy.answer(query, costs)
+    strategy.configure_round(1, 3)
+    sneaky = ClientUpdate(1, 1, 2, {k: v + 1.0 for k, v in strategy.global_state().items()})
+    assert "outside the triplets" in strategy.check_update(sneaky)
+
+
+def test_a_triplet_cut_is_the_model_without_the_other_triplets() -> None:
+    torch.manual_seed(0)
+    module = FedPEFTModule(num_labels=3, num_hidden_layers=2, method="svd", rank=4).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    before = trainable_state(module)
+    layers = svd_layers(module)
+    names = list(layers)
+    keep = {names[0]: [1, 3], names[-1]: [0]}  # every other module keeps nothing
+    ids = torch.randint(1000, 5000, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    zeroed = {k: v.clone() for k, v in before.items()}
+    for name in names:  # by hand: Λ of every triplet not kept set to zero
+        e = triplet_keys(name)[0]
+        dropped = [i for i in range(4) if i not in keep.get(name, [])]
+        zeroed[e][dropped] = 0.0
+    module.set_trainable_state(zeroed)
+    reference = module.model(**batch).logits
+    module.set_trainable_state(before)
+    cut = TripletCut(module, keep)
+    torch.testing.assert_close(module.model(**batch).logits, reference)
+    assert layers[names[1]].lora_A["default"].shape[0] == 0 and not layers[names[1]].lora_A["default"].requires_grad
+    with torch.no_grad():
+        layers[names[0]].lora_E["default"].add_(1.0)
+    cut.restore()
+    after = trainable_state(module)
+    e0 = triplet_keys(names[0])[0]
+    torch.testing.assert_close(after[e0][[1, 3]], before[e0][[1, 3]] + 1.0)
+    torch.testing.assert_close(after[e0][[0, 2]], before[e0][[0, 2]])
+    assert all(p.requires_grad for n, p in module.named_parameters() if "lora_" in n)
+    assert set(after) == set(before)
+
+
+def _fedara_fleet_run(data, trainer_factory, epochs: int, budgets: bool = True, ckpt: str | None = None, **kw):
+    pl.seed_everything(0)
+    model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method="svd", rank=4, lr=5e-3)
+    cost = CostModel(fleet=Fleet(fractions={"rpi4b": 0.5, "tx2": 0.5}))
+    sync = RoundSync(clients_per_round=4, seed=0, eval_every=10, cost_model=cost)
+    allocation = RankAllocation(target_rank=1.0, total_rounds=5, warmup_rounds=1, final_rounds=1, fleet_budgets=budgets)
+    trainer = trainer_factory(
+        max_epochs=epochs, callbacks=[sync, allocation, ModulePruning()], limit_val_batches=0, **kw
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+    return model, sync, allocation, trainer
+
+
+def test_fedara_on_a_fleet_sizes_each_client_and_resumes_bit_identically(stackoverflow, trainer_factory, tmp_path):
+    data = stackoverflow(num_clients=8, max_train_examples=160, max_val_examples=16, max_test_examples=16)
+    model, sync, allocation, _ = _fedara_fleet_run(data, trainer_factory, epochs=5)
+    rows = sync.history
+    assert all(r["min_client_triplets"] < r["active_ranks"] for r in rows), "the rpi4b clients train a prefix"
+    assert all(r["pred_saved_s"] >= 0 and r["pred_round_s"] <= r["pred_uniform_round_s"] for r in rows)
+    table = allocation.strategy.tables()["client_configs"]
+    assert len(table) == 5 * 4 and {row["device"] for row in table} == {"rpi4b", "tx2"}
+    slow = [row["triplets"] for row in table if row["device"] == "rpi4b"]
+    fast = [row["triplets"] for row in table if row["device"] == "tx2"]
+    assert max(slow) < max(fast)
+    # The same run with every client on the global configuration: slower on the simulated clock.
+    _, uniform, _, _ = _fedara_fleet_run(data, trainer_factory, epochs=5, budgets=False)
+    assert rows[-1]["sim_time_h"] < uniform.history[-1]["sim_time_h"]
+    # Stopped after 3 rounds and resumed: the same model, bit for bit, and the same configurations.
+    _, _, _, trainer_a = _fedara_fleet_run(data, trainer_factory, epochs=3)
+    ckpt = tmp_path / "fleet.ckpt"
+    trainer_a.save_checkpoint(ckpt)
+    model_b, sync_b, alloc_b, _ = _fedara_fleet_run(data, trainer_factory, epochs=5, ckpt=str(ckpt))
+    assert alloc_b.strategy.tables()["client_configs"] == table
+    final, resumed = trainable_state(model), trainable_state(model_b)
+    assert set(final) == set(resumed)
+    for k in final:
+        assert torch.equal(final[k], resumed[k]), k
+    # (The simulated clock after the resume may differ: the activation cache is not checkpointed, and its
+    # refills count as device time.)
+    assert [r["mean_client_triplets"] for r in sync_b.history] == [r["mean_client_triplets"] for r in rows]

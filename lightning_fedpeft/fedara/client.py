@@ -17,10 +17,27 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun
-from lightning_fedpeft.fedara.strategy import IMPORTANCE, BudgetSchedule, RankAllocationStrategy
+from lightning_fedpeft.cost import check_memory, train_memory_bytes
+from lightning_fedpeft.fedara.strategy import (
+    IMPORTANCE,
+    BudgetSchedule,
+    PrefixCosts,
+    RankAllocationStrategy,
+    prefix_masks,
+)
 from lightning_fedpeft.protocol import TrainableState
 from lightning_fedpeft.resources import ClientResources
-from lightning_fedpeft.tuners.svd import ADAPTER, adopt_state_ranks, layer_rank, svd_layers, triplet_keys
+from lightning_fedpeft.state import load_trainable_state
+from lightning_fedpeft.strategy import Query
+from lightning_fedpeft.tuners.svd import (
+    ADAPTER,
+    TripletCut,
+    adopt_state_ranks,
+    layer_rank,
+    state_ranks,
+    svd_layers,
+    triplet_keys,
+)
 
 
 class RankAllocation(FederatedAlgorithm):
@@ -40,6 +57,9 @@ class RankAllocation(FederatedAlgorithm):
         mask_every: re-allocate every this many rounds during the fall.
         importance_beta: smoothing of the server's score over rounds (0: only the latest round counts).
         beta1 / beta2: AdaLoRA's smoothing of sensitivity and uncertainty over local steps.
+        fleet_budgets: on a fleet (``federation.cost_model.fleet``), give every client a nested prefix of the
+            active triplets sized to its device and the round's time budget (``fleet.round_budget_s``);
+            ``False``: every client trains every active triplet (the uniform configuration).
     """
 
     def __init__(
@@ -52,6 +72,7 @@ class RankAllocation(FederatedAlgorithm):
         importance_beta: float = 0.5,
         beta1: float = 0.85,
         beta2: float = 0.85,
+        fleet_budgets: bool = True,
     ) -> None:
         super().__init__()
         if target_rank < 0:
@@ -70,7 +91,11 @@ class RankAllocation(FederatedAlgorithm):
         self.mask_every = mask_every
         self.importance_beta = importance_beta
         self.beta1, self.beta2 = beta1, beta2
+        self.fleet_budgets = fleet_budgets
         self.strategy: RankAllocationStrategy | None = None
+        self._run: FederatedRun | None = None
+        self._cut: TripletCut | None = None
+        self._keep: dict[str, list[int]] | None = None
         self._allocator: Any = None
         self._scoring = False  # the current client was told to upload importance
 
@@ -100,15 +125,69 @@ class RankAllocation(FederatedAlgorithm):
                 "own module holding peft.get_peft_model(..., AdaLoraConfig(...)))"
             )
         self._allocator = SensitivityAverages(self.beta1, self.beta2)
-        self.strategy = RankAllocationStrategy(
-            run.clients_per_round,
-            schedule,
-            mask_every=self.mask_every,
-            importance_beta=self.importance_beta,
-            prune_empty=run.find(ModulePruning) is not None,
-            seed=run.seed,
-        )
+        self._run = run
+        cost = run.cost_model
+        on_fleet = self.fleet_budgets and cost is not None and bool(cost.client_devices)
+        self.sizes_per_client = on_fleet
+        fleet = cost.fleet if on_fleet else None
+
+        def build() -> RankAllocationStrategy:
+            return RankAllocationStrategy(
+                run.clients_per_round,
+                schedule,
+                mask_every=self.mask_every,
+                importance_beta=self.importance_beta,
+                prune_empty=run.find(ModulePruning) is not None,
+                seed=run.seed,
+                client_devices=cost.client_devices if on_fleet else None,
+                device_memory_gb={p.name: p.memory_gb for p in cost.fleet_profiles()} if on_fleet else None,
+                round_budget_s=fleet.round_budget_s if fleet is not None else None,
+            )
+
+        self.strategy = build()
+        if on_fleet:  # the smallest prefix must fit every device: say so now, not in round 1
+            probe = build()
+            probe.start(_trainable(pl_module))
+            sizes, prefixes = probe.candidate_prefixes()
+            cut = TripletCut(pl_module, prefixes[-1])
+            try:
+                batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
+                check_memory(cost, model, batch, f"FedARA's smallest prefix ({sizes[-1]} triplets)")
+            finally:
+                cut.restore()
         return self.strategy
+
+    # -- the server's question on a fleet: what each candidate prefix costs ------------------------------------
+    def answer_query(self, query: Query, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        if not isinstance(query, PrefixCosts):
+            return super().answer_query(query, trainer, pl_module)
+        run = self._run
+        assert run is not None and run.cost_model is not None
+        cost = run.cost_model
+        _load(pl_module, query.state, self)
+        model = getattr(pl_module, "model", pl_module)
+        batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
+        cache = getattr(pl_module, "activation_cache", None)
+        answers = []
+        for prefix in query.prefixes:
+            masks = prefix_masks(query.state, prefix)
+            held = sum(
+                int(masks[k].expand(t.shape).sum()) * t.element_size() if k in masks else t.numel() * t.element_size()
+                for k, t in query.state.items()
+            )
+            cut = TripletCut(pl_module, prefix)
+            try:
+                seconds = {
+                    p.name: cost.round_seconds(
+                        model, batch, run.mean_local_batches(), held, p, cached=cache is not None
+                    )
+                    for p in cost.fleet_profiles()
+                }
+                memory = train_memory_bytes(model, batch)
+            finally:
+                cut.restore()
+            answers.append({"seconds": seconds, "memory_bytes": memory})
+        return answers
 
     def adopt_state(self, pl_module: pl.LightningModule, state: TrainableState) -> None:
         # A user's own module: its SVD layers take the state's rank per module, and the modules the state
@@ -119,6 +198,11 @@ class RankAllocation(FederatedAlgorithm):
     def on_client_start(self, ctx: ClientContext, pl_module: pl.LightningModule) -> None:
         self._scoring = bool(ctx.instructions.get("importance", False))
         self._allocator.reset_ipt()
+        keep = ctx.instructions.get("triplets")
+        self._keep = None
+        if keep is not None:  # a fleet's client: only its prefix of the active triplets trains
+            self._keep = {m: [int(i) for i in ix] for m, ix in keep.items()}
+            self._cut = TripletCut(pl_module, self._keep)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -127,9 +211,22 @@ class RankAllocation(FederatedAlgorithm):
             self._allocator.update_ipt(getattr(pl_module, "model", pl_module))
 
     def on_client_end(self, ctx: ClientContext, pl_module: pl.LightningModule) -> ClientResult:
-        if not self._scoring:
-            return ClientResult()
-        return ClientResult(tensors=triplet_importance(pl_module, self._allocator))
+        tensors = triplet_importance(pl_module, self._allocator) if self._scoring else {}
+        metrics: dict[str, float] = {}
+        if self._cut is not None:
+            # Back to the global shapes (the untrained triplets as received); importance goes with them, 0
+            # where this client trained nothing (the server averages each triplet over those that did).
+            self._cut.restore()
+            self._cut = None
+            ranks = state_ranks(ctx.global_state)
+            for m, n in ranks.items():
+                key = m + IMPORTANCE
+                if key in tensors:
+                    full = torch.zeros(n, dtype=tensors[key].dtype)
+                    full[self._keep.get(m, [])] = tensors[key]
+                    tensors[key] = full
+            metrics["client_triplets"] = float(sum(len(ix) for ix in (self._keep or {}).values()))
+        return ClientResult(tensors=tensors, metrics=metrics)
 
 
 class SensitivityAverages:
@@ -150,7 +247,8 @@ class SensitivityAverages:
         self.exp_avg_ipt, self.exp_avg_unc = {}, {}
 
     def update_ipt(self, model: torch.nn.Module) -> None:
-        named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and ADAPTER in n]
+        # Factors frozen at rank 0 (a fleet client's modules outside its prefix) have no gradient to score.
+        named = [(n, p) for n, p in model.named_parameters() if "lora_" in n and ADAPTER in n and p.requires_grad]
         for name, param in named:
             if name not in self.exp_avg_ipt:
                 self.exp_avg_ipt[name] = torch.zeros_like(param)
@@ -168,6 +266,20 @@ class SensitivityAverages:
             torch._foreach_abs_(spread)
             torch._foreach_mul_(avg_unc, self.beta2)
             torch._foreach_add_(avg_unc, torch._foreach_mul(spread, 1 - self.beta2))
+
+
+def _trainable(pl_module: torch.nn.Module) -> TrainableState:
+    return {n: p.detach().cpu() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+
+def _load(pl_module: pl.LightningModule, state: TrainableState, algorithm: FederatedAlgorithm) -> None:
+    """``state`` into ``pl_module`` as RoundSync loads one (resizing SVD layers to it)."""
+    setter = getattr(pl_module, "set_trainable_state", None)
+    if callable(setter):
+        setter(state)
+        return
+    algorithm.adopt_state(pl_module, state)
+    load_trainable_state(pl_module, state)
 
 
 def _holds_adalora(pl_module: torch.nn.Module) -> bool:

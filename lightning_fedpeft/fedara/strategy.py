@@ -10,19 +10,28 @@ active triplets, and clients cut their layers to them (:mod:`lightning_fedpeft.t
 server keeps the full ``r_init`` state and rebuilds it from every packed update. With ``prune_empty``
 (:class:`~lightning_fedpeft.fedara.ModulePruning`), a module with no active triplet leaves the global
 state. Plain torch: the client half is in :mod:`lightning_fedpeft.fedara.client`.
+
+On a fleet (``client_devices`` given) every participant trains a nested prefix of the active triplets: the
+``k_c`` most important by the server's score (ties: the triplets the allocation would mask last, i.e. the
+top modules first), with ``k_c`` from its budget (:mod:`lightning_fedpeft.budgets`): the largest candidate
+size whose predicted round time and memory fit its device. Each triplet is then averaged, by samples, over
+the clients that trained it (and keeps its value if none did), and so is its importance: no zero-padding
+bias. Allocation and pruning go on, on the global order, as without a fleet.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from lightning_fedpeft.aggregation import held_share
+from lightning_fedpeft.budgets import CandidateCost, assign
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
-from lightning_fedpeft.strategy import FedAvg
+from lightning_fedpeft.strategy import FedAvg, Query
 from lightning_fedpeft.tuners.svd import module_names_in_state, pack, triplet_keys, unpack
 
 IMPORTANCE = ".importance"  # suffix of a module's importance vector in ClientUpdate.tensors
@@ -87,6 +96,31 @@ class BudgetSchedule:
         return self.phase(rounds_done) == "decay" and (rounds_done - self.warmup_rounds) % every == 0
 
 
+# Candidate prefix sizes on a fleet, as shares of the active triplets (the first is the global configuration).
+PREFIX_SHARES = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)
+
+Prefix = dict[str, list[int]]  # module -> positions among its active (packed) triplets
+
+
+@dataclass(frozen=True)
+class PrefixCosts(Query):
+    """What each candidate prefix costs (answered by RankAllocation with the model and the cost model)."""
+
+    state: TrainableState = field(repr=False)  # the packed global state the prefixes index
+    prefixes: tuple[Prefix, ...] = field(repr=False)
+
+
+def prefix_masks(state: Mapping[str, torch.Tensor], prefix: Prefix) -> dict[str, torch.Tensor]:
+    """The coordinates of the packed ``state`` a client trains with ``prefix`` (SVD tensors only; the rest whole)."""
+    masks: dict[str, torch.Tensor] = {}
+    for module in module_names_in_state(state):
+        e, a, b = triplet_keys(module)
+        active = torch.zeros(state[e].shape[0], dtype=torch.bool)
+        active[prefix.get(module, [])] = True
+        masks[e], masks[a], masks[b] = active.reshape(-1, 1), active.reshape(-1, 1), active.reshape(1, -1)
+    return masks
+
+
 class RankAllocationStrategy(FedAvg):
     """The server half of FedARA (see the module docstring).
 
@@ -103,6 +137,11 @@ class RankAllocationStrategy(FedAvg):
         prune_empty: leave a module with no active triplet out of the global state (set by
             :class:`ModulePruning`); otherwise it stays with zero-size tensors.
         seed: seeds the choice of participants.
+        client_devices: on a fleet, every client's device profile (client 0 first): turns on nested
+            prefixes sized per client; ``None``: every client trains every active triplet.
+        device_memory_gb: the fleet's profiles' memory (``None``: unlimited).
+        round_budget_s: the round's time budget (``None``: the median participant's time at the global
+            configuration).
     """
 
     def __init__(
@@ -113,6 +152,9 @@ class RankAllocationStrategy(FedAvg):
         importance_beta: float = 0.5,
         prune_empty: bool = False,
         seed: int = 0,
+        client_devices: Sequence[str] | None = None,
+        device_memory_gb: Mapping[str, float | None] | None = None,
+        round_budget_s: float | None = None,
     ) -> None:
         super().__init__(clients_per_round, seed=seed)
         if mask_every < 1:
@@ -128,6 +170,17 @@ class RankAllocationStrategy(FedAvg):
         self.scores: dict[str, torch.Tensor] = {}  # module -> float (r_init,), running importance
         self.rounds_done = 0
         self.last_masked = 0
+        self.client_devices = list(client_devices) if client_devices is not None else None
+        self.device_memory_gb = dict(device_memory_gb or {})
+        self.round_budget_s = round_budget_s
+        self._costs: list[CandidateCost] = []  # the candidates for the current order, once answered
+        self._prefixes: tuple[Prefix, ...] = ()
+        self._sizes: list[int] = []
+        self._asked = False
+        self._held: dict[int, dict[str, torch.Tensor]] = {}  # this round's clients' coordinates
+        self._sent: TrainableState = {}  # this round's packed global state (what the held masks index)
+        self._fleet_metrics: dict[str, float] = {}
+        self._assigned: list[dict[str, Any]] = []  # every round's per-client configurations (a table)
 
     # -- the full state and the mask -------------------------------------------------------------------------
     def start(self, state: TrainableState) -> None:
@@ -145,9 +198,85 @@ class RankAllocationStrategy(FedAvg):
 
     def configure_round(self, round_idx: int, num_clients: int) -> RoundPlan:
         plan = super().configure_round(round_idx, num_clients)
-        if self.wants_importance(round_idx):
-            plan.instructions = {cid: {"importance": True} for cid in plan.client_ids}
+        scoring = self.wants_importance(round_idx)
+        plan.instructions = {cid: {"importance": True} for cid in plan.client_ids} if scoring else {}
+        self._held, self._fleet_metrics = {}, {}
+        if self.client_devices is None:
+            return plan
+        if not self._costs:
+            raise RuntimeError("RankAllocationStrategy on a fleet: the candidate costs must be answered first")
+        self._sent = self.global_state()
+        devices = {cid: self.client_devices[cid] for cid in plan.client_ids}
+        budget = assign(self._costs, devices, self.device_memory_gb, self.round_budget_s)
+        for cid in plan.client_ids:
+            prefix = self._prefixes[budget.choice[cid]]
+            plan.instructions.setdefault(cid, {})["triplets"] = {m: list(ix) for m, ix in prefix.items()}
+            self._held[cid] = prefix_masks(self._sent, prefix)
+            size = self._costs[budget.choice[cid]].size
+            self._assigned.append({"round": round_idx, "client": cid, "device": devices[cid], "triplets": size})
+        sizes = [self._costs[i].size for i in budget.choice.values()]
+        self._fleet_metrics = {
+            "round_budget_s": budget.budget_s,
+            "mean_client_triplets": sum(sizes) / len(sizes),
+            "min_client_triplets": float(min(sizes)),
+            "pred_uniform_round_s": budget.uniform_s,
+            "pred_round_s": budget.assigned_s,
+            "pred_saved_s": budget.uniform_s - budget.assigned_s,
+        }
         return plan
+
+    def transfer_share(self, client_id: int) -> float:
+        held = self._held.get(client_id)
+        if held is None:
+            return 1.0
+        return held_share(self._sent, held)
+
+    # -- the fleet's candidates: nested prefixes of the importance order -------------------------------------------
+    def importance_order(self) -> list[tuple[str, int]]:
+        """Active triplets, most important first, as ``(module, position among its active triplets)``.
+
+        The reverse of the allocation's ranking (lowest score first; ties by module order, then index), so a
+        prefix is what the allocation would keep longest; with equal scores (warm-up) the top modules come first.
+        """
+        ranked = sorted(
+            (float(self.scores[m][i]), order, i, m)
+            for order, m in enumerate(self.masks)
+            for i in self.masks[m].nonzero().flatten().tolist()
+        )
+        positions = {
+            m: {int(i): p for p, i in enumerate(mask.nonzero().flatten().tolist())} for m, mask in self.masks.items()
+        }
+        return [(m, positions[m][i]) for _, _, i, m in reversed(ranked)]
+
+    def candidate_prefixes(self) -> tuple[list[int], tuple[Prefix, ...]]:
+        """The candidate sizes (largest first, the global one first) and their prefixes."""
+        order = self.importance_order()
+        sizes = sorted(
+            {max(1, round(share * len(order))) for share in PREFIX_SHARES} & set(range(1, len(order) + 1)), reverse=True
+        )
+        prefixes = []
+        for size in sizes:
+            prefix: Prefix = {}
+            for m, pos in order[:size]:
+                prefix.setdefault(m, []).append(pos)
+            prefixes.append({m: sorted(ix) for m, ix in prefix.items()})
+        return sizes, tuple(prefixes)
+
+    def queries(self) -> list[Query]:
+        if self.client_devices is None or self._costs or not self.masks:
+            return []
+        sizes, self._prefixes = self.candidate_prefixes()
+        self._sizes = sizes
+        return [PrefixCosts(self.global_state(), self._prefixes)]
+
+    def answer(self, query: Query, value: Any) -> TrainableState | None:
+        if not isinstance(query, PrefixCosts):
+            return super().answer(query, value)
+        self._costs = [
+            CandidateCost(size, dict(cost["seconds"]), int(cost["memory_bytes"]))
+            for size, cost in zip(self._sizes, value, strict=True)
+        ]
+        return None
 
     def active(self, module: str) -> int:
         return int(self.masks[module].sum())
@@ -188,6 +317,12 @@ class RankAllocationStrategy(FedAvg):
 
     # -- Strategy -----------------------------------------------------------------------------------------------
     def check_update(self, update: ClientUpdate) -> str | None:
+        held = self._held.get(update.client_id)
+        if held is not None:  # what a client does not train it sends back as it got it
+            for name, mask in held.items():
+                outside = ~mask.expand(self._sent[name].shape)
+                if not torch.equal(update.state[name][outside], self._sent[name][outside]):
+                    return f"{name} changed outside the triplets this client was told to train"
         if not self.masks or not self.wants_importance(update.round):
             return None
         for m in self.masks:
@@ -204,10 +339,12 @@ class RankAllocationStrategy(FedAvg):
     def aggregate(
         self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
     ) -> TrainableState:
-        averaged = super().aggregate(round_idx, global_state, updates)
+        held = [self._held[u.client_id] for u in updates] if self._held else None
+        averaged = self.combine(round_idx, global_state, updates, held)
         self.full = unpack(averaged, self.masks, self.full)
         if updates and self.wants_importance(round_idx):
             self._update_scores(updates)
+        self._costs = []  # the order moved: the next round's candidates are asked again
         self.rounds_done = round_idx + 1
         self.last_masked = 0
         if self.schedule.masks_after(self.rounds_done, self.mask_every):
@@ -220,9 +357,22 @@ class RankAllocationStrategy(FedAvg):
         for m, mask in self.masks.items():
             if not mask.any():
                 continue
-            mean = sum(u.tensors[m + IMPORTANCE].to(torch.float64) * (u.num_examples / total) for u in updates)
             idx = mask.nonzero().flatten()
-            self.scores[m][idx] = beta * self.scores[m][idx] + (1.0 - beta) * mean
+            if not self._held:
+                mean = sum(u.tensors[m + IMPORTANCE].to(torch.float64) * (u.num_examples / total) for u in updates)
+                self.scores[m][idx] = beta * self.scores[m][idx] + (1.0 - beta) * mean
+                continue
+            # On a fleet: each triplet's mean over the clients that trained it; one nobody trained keeps its score.
+            e_key = triplet_keys(m)[0]
+            acc = torch.zeros(len(idx), dtype=torch.float64)
+            mass = torch.zeros(len(idx), dtype=torch.float64)
+            for u in updates:
+                held = self._held[u.client_id][e_key].reshape(-1).to(torch.float64)
+                acc += u.tensors[m + IMPORTANCE].to(torch.float64) * held * u.num_examples
+                mass += held * u.num_examples
+            seen = mass > 0
+            mean = acc / mass.clamp_min(1e-300)
+            self.scores[m][idx[seen]] = beta * self.scores[m][idx[seen]] + (1.0 - beta) * mean[seen]
 
     def use_aggregator(self, aggregator: Any) -> None:
         if aggregator.private:
@@ -239,19 +389,26 @@ class RankAllocationStrategy(FedAvg):
             f"removes triplets from the state between rounds, which the optimizer's moments cannot follow"
         )
 
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {"client_configs": list(self._assigned)} if self.client_devices is not None else {}
+
     def round_metrics(self) -> dict[str, float]:
         if not self.masks:
             return {}
         live = self.live_modules
         layers = [int(x.group(1)) for m in live if (x := _LAYER_INDEX.search(m))]
-        return super().round_metrics() | {
-            "budget": float(self.schedule.budget(self.rounds_done)),
-            "active_ranks": float(self.active_ranks),
-            "live_modules": float(len(live)),
-            "masked_now": float(self.last_masked),
-            # backward stops at the lowest transformer layer that still has an adapted module
-            "lowest_live_layer": float(min(layers)) if layers else -1.0,
-        }
+        return (
+            super().round_metrics()
+            | {
+                "budget": float(self.schedule.budget(self.rounds_done)),
+                "active_ranks": float(self.active_ranks),
+                "live_modules": float(len(live)),
+                "masked_now": float(self.last_masked),
+                # backward stops at the lowest transformer layer that still has an adapted module
+                "lowest_live_layer": float(min(layers)) if layers else -1.0,
+            }
+            | self._fleet_metrics
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {
@@ -259,6 +416,7 @@ class RankAllocationStrategy(FedAvg):
             "masks": {k: v.clone() for k, v in self.masks.items()},
             "scores": {k: v.clone() for k, v in self.scores.items()},
             "rounds_done": self.rounds_done,
+            "assigned": list(self._assigned),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -267,3 +425,4 @@ class RankAllocationStrategy(FedAvg):
         self.masks = {k: v.clone() for k, v in state["masks"].items()}
         self.scores = {k: v.clone() for k, v in state["scores"].items()}
         self.rounds_done = int(state["rounds_done"])
+        self._assigned = list(state.get("assigned", []))

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_fedpeft.aggregation import held_share
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
 from lightning_fedpeft.strategy import FedAvg
 
@@ -88,6 +89,11 @@ class HeteroLoRAStrategy(FedAvg):
             if not torch.equal(update.state[name][outside], self._global[name][outside]):
                 return f"{name} changed beyond the first {rank} ranks this client was told to train"
         return None
+
+    def transfer_share(self, client_id: int) -> float:
+        if not self._global:
+            return 1.0
+        return held_share(self._global, rank_masks(self._global, self.client_ranks[client_id]))
 
     def initialize(self, global_state: TrainableState) -> None:
         self._global = {k: v.clone() for k, v in global_state.items()}

@@ -135,6 +135,53 @@ def adopt_state_ranks(model: nn.Module, state: Mapping[str, torch.Tensor], prefi
             prune_layer(model, name)
 
 
+class TripletCut:
+    """Cut ``model``'s SVD layers to the triplets ``keep`` names (module -> positions among its current
+    triplets; a module not named keeps none), and later put the others back.
+
+    A client of a fleet trains such a prefix: the cut layers are new, smaller parameters (so the optimizer,
+    the FLOP count and the memory are the prefix's), a layer left with no triplet is frozen at rank 0 (it
+    adds nothing and needs no gradient, so backward stops above it if nothing lower trains), and
+    :meth:`restore` rebuilds every layer at its former rank: the kept triplets as trained, the others as
+    they were. ``keep`` uses the names of ``model.named_modules()`` (the trainable state's module names
+    when ``model`` is the LightningModule).
+    """
+
+    def __init__(self, model: nn.Module, keep: Mapping[str, list[int]]) -> None:
+        self.saved: dict[str, tuple[nn.Module, list[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor], bool]] = {}
+        for name, layer in svd_layers(model).items():
+            idx = sorted(int(i) for i in keep.get(name, []))
+            rank = layer_rank(layer)
+            if idx == list(range(rank)):
+                continue
+            e, a, b = layer.lora_E[ADAPTER], layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+            full = (e.detach().clone(), a.detach().clone(), b.detach().clone())
+            self.saved[name] = (layer, idx, full, a.requires_grad)
+            set_rank(layer, len(idx))
+            with torch.no_grad():
+                layer.lora_E[ADAPTER].copy_(full[0][idx])
+                layer.lora_A[ADAPTER].copy_(full[1][idx])
+                layer.lora_B[ADAPTER].copy_(full[2][:, idx])
+            if not idx:
+                for factor in (layer.lora_E, layer.lora_A, layer.lora_B):
+                    factor[ADAPTER].requires_grad_(False)
+
+    def restore(self) -> None:
+        """Every cut layer at its former rank: kept triplets as trained now, the others as before the cut."""
+        for layer, idx, (e, a, b), trainable in self.saved.values():
+            trained = (layer.lora_E[ADAPTER].detach(), layer.lora_A[ADAPTER].detach(), layer.lora_B[ADAPTER].detach())
+            set_rank(layer, e.shape[0])
+            with torch.no_grad():
+                e, a, b = e.to(trained[0].device), a.to(trained[1].device), b.to(trained[2].device)
+                e[idx], a[idx], b[:, idx] = trained[0], trained[1], trained[2]
+                layer.lora_E[ADAPTER].copy_(e)
+                layer.lora_A[ADAPTER].copy_(a)
+                layer.lora_B[ADAPTER].copy_(b)
+            for factor in (layer.lora_E, layer.lora_A, layer.lora_B):
+                factor[ADAPTER].requires_grad_(trainable)
+        self.saved = {}
+
+
 def pack(full: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], drop_empty: bool) -> TrainableState:
     """The state that travels: every non-SVD tensor as is, and per SVD module only its active triplets.
 
