@@ -102,7 +102,7 @@ class Fleet:
                 )
             return [mapping[c] for c in range(num_clients)]
         assert self.fractions is not None
-        counts = _largest_remainder(self.fractions, num_clients)
+        counts = largest_remainder(self.fractions, num_clients)
         slots = [name for name, n in counts.items() for _ in range(n)]
         gen = torch.Generator().manual_seed(derived_seed(seed, FLEET_SALT, scales=(SEED_SCALE, 1)))
         order = torch.randperm(num_clients, generator=gen).tolist()
@@ -112,7 +112,7 @@ class Fleet:
         return devices
 
 
-def _largest_remainder(fractions: Mapping[str, float], total: int) -> dict[str, int]:
+def largest_remainder(fractions: Mapping[str, float], total: int) -> dict[str, int]:
     """Whole counts per name that sum to ``total``, closest to ``share * total`` (Hamilton's method)."""
     exact = {name: float(share) * total for name, share in fractions.items()}
     counts = {name: math.floor(x) for name, x in exact.items()}

@@ -6,12 +6,22 @@ what makes parameter-efficient federated learning cheap on the wire.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from lightning_fedpeft.protocol import TrainableState
+
+# A tensor's transformer layer in its name: BERT's ".layer.3.", Llama's ".layers.3.", GPT-2's ".h.3.".
+_LAYER_INDEX = re.compile(r"\.(?:layer|layers|h)\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The transformer layer a state tensor (or module) named ``name`` belongs to, if its name says."""
+    found = _LAYER_INDEX.search(name)
+    return int(found.group(1)) if found else None
 
 
 def trainable_state(module: nn.Module) -> TrainableState:

@@ -13,6 +13,7 @@ process between rounds (:meth:`Strategy.queries`, :meth:`Strategy.answer`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -174,7 +175,16 @@ class FedAvg(Strategy):
         optimizer's step; the global state as it is when there is no update."""
         if not updates:
             return {k: v.clone() for k, v in global_state.items()}
-        combined = self.aggregator.combine(round_idx, global_state, updates, held)
+        if held is None:  # an aggregator of the user's own, written before held masks, still fits here
+            combined = self.aggregator.combine(round_idx, global_state, updates)
+        elif "held" not in inspect.signature(self.aggregator.combine).parameters:
+            raise ValueError(
+                f"federation.aggregator={type(self.aggregator).__name__} cannot combine clients that trained parts of "
+                f"the state (a fleet's per-client configurations): give its combine() a held=None parameter "
+                f"(lightning_fedpeft.aggregation.Aggregator)"
+            )
+        else:
+            combined = self.aggregator.combine(round_idx, global_state, updates, held)
         if self.server_optimizer is not None:
             combined = self.server_optimizer.step(global_state, combined)
         return combined

@@ -11,6 +11,8 @@ import torch
 from lightning_fedpeft import FedPEFTModule, HeterogeneousLoRA, RoundSync, SetupError
 from lightning_fedpeft.aggregation import CoordinateMedian, DPGaussian, NormBounded, TrimmedMean, WeightedMean
 from lightning_fedpeft.cost import CostModel, load_device_profiles, train_memory_bytes
+from lightning_fedpeft.fedadapter import ProgressiveUpgrade
+from lightning_fedpeft.fedadapter.strategy import DepthCosts, TrialGroupStrategy
 from lightning_fedpeft.fedara import IMPORTANCE, BudgetSchedule, ModulePruning, RankAllocation, RankAllocationStrategy
 from lightning_fedpeft.fedara.strategy import PrefixCosts
 from lightning_fedpeft.fleet import Fleet
@@ -451,3 +453,95 @@ def test_fedara_on_a_fleet_sizes_each_client_and_resumes_bit_identically(stackov
     # (The simulated clock after the resume may differ: the activation cache is not checkpointed, and its
     # refills count as device time.)
     assert [r["mean_client_triplets"] for r in sync_b.history] == [r["mean_client_triplets"] for r in rows]
+
+
+# -- adapters on a fleet: trial groups within device classes, per-client depth -------------------------------------
+
+
+def _adapter_state(layers: int = 3) -> dict[str, torch.Tensor]:
+    state = {f"model.encoder.layer.{i}.output.adapter.down.weight": torch.zeros(2, 2) for i in range(layers)}
+    return state | {"model.classifier.weight": torch.zeros(2)}
+
+
+def _answer_all(strategy: TrialGroupStrategy, costs: dict[str, list[float]]) -> None:
+    """Answer the window's questions: every start accuracy 0.5; per depth d..1 the given seconds per device."""
+    while queries := strategy.queries():
+        for query in queries:
+            if isinstance(query, DepthCosts):
+                depths = range(query.config[0], 0, -1)
+                value = [
+                    {"depth": d, "seconds": {dev: s[i] for dev, s in costs.items()}, "memory_bytes": 0}
+                    for i, d in enumerate(depths)
+                ]
+            else:
+                value = 0.5
+            strategy.answer(query, value)
+
+
+def test_trial_groups_are_drawn_within_device_classes() -> None:
+    devices = ["rpi4b"] * 12 + ["tx2"] * 6 + ["nano"] * 6  # shares 1/2, 1/4, 1/4: of 4 per group, 2, 1 and 1
+    strategy = TrialGroupStrategy(4, num_layers=3, start=(3, 8), window_s=10.0, seed=0, client_devices=devices)
+    strategy.validate(len(devices))
+    strategy.initialize(_adapter_state())
+    _answer_all(strategy, {"rpi4b": [9.0, 9.0, 9.0], "tx2": [1.0, 1.0, 1.0], "nano": [2.0, 2.0, 2.0]})
+    assert strategy.group_mix() == {"rpi4b": 2, "tx2": 1, "nano": 1}
+    for trial in range(len(strategy.trials)):
+        strategy.phase = trial
+        plan = strategy.configure_round(trial, len(devices))
+        mix = sorted(devices[c] for c in plan.client_ids)
+        assert mix == ["nano", "rpi4b", "rpi4b", "tx2"], "every group has the fleet's mix"
+    with pytest.raises(ValueError, match=r"need 3 x 1 'tx2' clients per round but the fleet has 2"):
+        TrialGroupStrategy(4, 3, (3, 8), window_s=1.0, client_devices=["rpi4b"] * 12 + ["tx2"] * 2).validate(14)
+
+
+def test_each_adapter_is_averaged_over_the_clients_that_trained_it() -> None:
+    devices = ["rpi4b", "tx2"] * 3
+    strategy = TrialGroupStrategy(2, num_layers=3, start=(3, 8), window_s=10.0, seed=0, client_devices=devices)
+    strategy.validate(6)
+    state = _adapter_state()
+    strategy.initialize(state)
+    # The tx2 fits depth 3 within the median (5 s); the rpi4b only depth 1.
+    _answer_all(strategy, {"rpi4b": [9.0, 6.0, 4.0], "tx2": [1.0, 1.0, 1.0]})
+    plan = strategy.configure_round(0, 6)
+    depth = {c: plan.instructions[c]["train_depth"] for c in plan.client_ids}
+    assert sorted((devices[c], d) for c, d in depth.items()) == [("rpi4b", 1), ("tx2", 3)]
+    updates = []
+    for c in plan.client_ids:
+        new = {k: v.clone() for k, v in state.items()}
+        for layer in range(3 - depth[c], 3):  # a client changes only its top adapters
+            new[f"model.encoder.layer.{layer}.output.adapter.down.weight"] += 1.0 + c
+        new["model.classifier.weight"] += 1.0 + c
+        update = ClientUpdate(c, 0, 1 + c, new)
+        assert strategy.check_update(update) is None
+        updates.append(update)
+    out = strategy.aggregate(0, state, updates)
+    (slow,) = [c for c in depth if depth[c] == 1]
+    (fast,) = [c for c in depth if depth[c] == 3]
+    both = ((1 + slow) ** 2 + (1 + fast) ** 2) / ((1 + slow) + (1 + fast))  # weights 1 + c, values 1 + c
+    torch.testing.assert_close(out["model.encoder.layer.2.output.adapter.down.weight"], torch.full((2, 2), both))
+    for layer in (0, 1):  # only the fast client trained these: its value, not pulled towards the global one
+        torch.testing.assert_close(
+            out[f"model.encoder.layer.{layer}.output.adapter.down.weight"], torch.full((2, 2), 1.0 + fast)
+        )
+    torch.testing.assert_close(out["model.classifier.weight"], torch.full((2,), both))
+    cheat = {k: v + 1.0 for k, v in state.items()}
+    strategy.phase, strategy.trials[0].done = 0, 0
+    strategy.configure_round(1, 6)
+    slow_now = next(c for c, d in strategy._train_depth.items() if d == 1)  # noqa: SLF001
+    assert "below the top 1 adapters" in strategy.check_update(ClientUpdate(slow_now, 1, 1, cheat))
+
+
+def test_fedadapter_on_a_fleet_trains_each_client_at_its_depth(stackoverflow, trainer_factory) -> None:
+    data = stackoverflow(num_clients=12, max_train_examples=240, max_val_examples=32, max_test_examples=16)
+    pl.seed_everything(0)
+    model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=2, method="adapter", depth=2, lr=5e-3)
+    cost = CostModel(fleet=Fleet(fractions={"rpi4b": 0.5, "tx2": 0.5}))
+    sync = RoundSync(clients_per_round=2, seed=0, eval_every=10, cost_model=cost)
+    upgrade = ProgressiveUpgrade(start_depth=2, window_s=0.5, max_val_batches=2)
+    trainer = trainer_factory(max_epochs=6, callbacks=[sync, upgrade], limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    rows = sync.history
+    assert all(r["min_train_depth"] == 1 and r["mean_train_depth"] == 1.5 for r in rows), "the rpi4b trains less"
+    assert all(0 < r["pred_saved_s"] and r["pred_round_s"] < r["pred_uniform_round_s"] for r in rows)
+    assert upgrade.decisions, "a decision window closed"
+    assert all(p.requires_grad for n, p in model.named_parameters() if "adapter" in n)

@@ -9,16 +9,20 @@ dropping activation-cache entries that the decided depth made stale.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from lightning_fedpeft.algorithm import ClientContext, FederatedAlgorithm, FederatedRun
+from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun
+from lightning_fedpeft.cost import check_memory, train_memory_bytes
 from lightning_fedpeft.fedadapter.strategy import (
     CANDIDATES,
     Config,
     Decision,
+    DepthCosts,
     EvaluateState,
     GrowState,
     RoundCost,
@@ -49,6 +53,10 @@ class ProgressiveUpgrade(FederatedAlgorithm):
         window_rounds: sets ``T0`` when ``window_s`` is unset, in rounds of the start configuration (4: the
             paper's T0 over its uncached depth-0 round; docs/fedadapter.md gives the other readings).
         max_val_batches: validation batches used to score candidates (``None``: the whole split).
+        fleet_budgets: on a fleet (``federation.cost_model.fleet``), every client trains the top adapters of
+            the trial's depth that fit its device and the round's time budget (``fleet.round_budget_s``), and
+            trial groups are drawn within device classes; ``False``: every client trains the whole trial
+            configuration (groups still drawn within device classes).
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class ProgressiveUpgrade(FederatedAlgorithm):
         window_s: float | None = None,
         window_rounds: float = 4.0,
         max_val_batches: int | None = None,
+        fleet_budgets: bool = True,
     ) -> None:
         super().__init__()
         candidates = list(candidates or CANDIDATES)
@@ -90,7 +99,9 @@ class ProgressiveUpgrade(FederatedAlgorithm):
         self.window_s = window_s
         self.window_rounds = window_rounds
         self.max_val_batches = max_val_batches
+        self.fleet_budgets = fleet_budgets
         self.strategy: TrialGroupStrategy | None = None
+        self._frozen: list[torch.nn.Parameter] = []  # a fleet client's adapters below its train depth
         self._run: FederatedRun | None = None
         self._decided_depth: int | None = None  # the decided depth this process's cache was last pruned for
 
@@ -116,6 +127,14 @@ class ProgressiveUpgrade(FederatedAlgorithm):
         if pl_module.adapter_config != self.start:
             pl_module.resize_adapters(*self.start)
         self._run = run
+        cost = run.cost_model
+        on_fleet = bool(cost.client_devices)
+        self.sizes_per_client = on_fleet and self.fleet_budgets
+        if self.sizes_per_client:  # the smallest configuration a client may get must fit every device
+            batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
+            smallest = min(self.start[0], 1)
+            with _train_depth(pl_module, smallest):
+                check_memory(cost, pl_module.model, batch, f"adapters trained at depth {smallest}")
         self.strategy = TrialGroupStrategy(
             clients_per_group=run.clients_per_round,
             num_layers=num_layers,
@@ -127,7 +146,12 @@ class ProgressiveUpgrade(FederatedAlgorithm):
             max_width=self.max_width,
             candidates=self.candidates,
             seed=run.seed,
+            client_devices=cost.client_devices if on_fleet else None,
+            device_memory_gb={p.name: p.memory_gb for p in cost.fleet_profiles()} if on_fleet else None,
+            round_budget_s=cost.fleet.round_budget_s if on_fleet and cost.fleet is not None else None,
+            per_client_depth=self.fleet_budgets,
         )
+
         return self.strategy
 
     @property
@@ -154,6 +178,17 @@ class ProgressiveUpgrade(FederatedAlgorithm):
             # Depth only grows from a decision on: entries cached for a higher boundary will not be used again.
             cache.invalidate_above(len(pl_module.adapter_injection.layers) - decided)
             self._decided_depth = decided
+        train_depth = ctx.instructions.get("train_depth")
+        if train_depth is not None and int(train_depth) < depth:  # a fleet client trains only its top adapters
+            self._frozen = _freeze_below(pl_module, int(train_depth))
+
+    def on_client_end(self, ctx: ClientContext, pl_module: pl.LightningModule) -> ClientResult:
+        # The adapters below the train depth were frozen for the local steps only: they travel (unchanged).
+        for param in self._frozen:
+            param.requires_grad_(True)
+        self._frozen = []
+        told = ctx.instructions.get("train_depth")
+        return ClientResult(metrics={"train_depth": float(told)}) if told is not None else ClientResult()
 
     # -- the server's questions, answered with the model on its process ---------------------------------------
     def answer_query(self, query: Query, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -163,6 +198,8 @@ class ProgressiveUpgrade(FederatedAlgorithm):
             return self._grow(query.state, query.config, pl_module)
         if isinstance(query, RoundCost):
             return self._round_cost(query.config, pl_module)
+        if isinstance(query, DepthCosts):
+            return self._depth_costs(query.config, pl_module)
         return super().answer_query(query, trainer, pl_module)
 
     def _grow(self, state: dict[str, torch.Tensor], config: Config, module: Any) -> dict[str, torch.Tensor]:
@@ -198,6 +235,33 @@ class ProgressiveUpgrade(FederatedAlgorithm):
             raise ValueError("ProgressiveUpgrade scores candidates on the validation split, which is empty")
         return correct / total
 
+    def _depth_costs(self, config: Config, module: Any) -> list[dict[str, Any]]:
+        """On a fleet: per train depth of ``config`` (its depth down to 1; 0 at depth 0), the predicted round
+        seconds on every device profile and the counted memory."""
+        run = self._run
+        assert run is not None and run.cost_model is not None
+        cost = run.cost_model
+        saved = trainable_state(module)
+        module.resize_adapters(*config, generator=torch.Generator().manual_seed(0))
+        out = []
+        try:
+            batch = {k: v.to(module.device) for k, v in run.sample_batch().items()}
+            cached = getattr(module, "activation_cache", None) is not None
+            total = state_nbytes(trainable_state(module))
+            for depth in range(config[0], 0, -1) if config[0] > 0 else [0]:
+                with _train_depth(module, depth) as frozen:
+                    # What travels: the state less the frozen adapters (a server sends and takes only the top).
+                    nbytes = total - sum(p.numel() * p.element_size() for p in frozen)
+                    seconds = {
+                        p.name: cost.round_seconds(module.model, batch, run.mean_local_batches(), nbytes, p, cached)
+                        for p in cost.fleet_profiles()
+                    }
+                    memory = train_memory_bytes(module.model, batch)
+                out.append({"depth": depth, "seconds": seconds, "memory_bytes": memory})
+        finally:
+            module.set_trainable_state(saved)
+        return out
+
     def _round_cost(self, config: Config, module: Any) -> float:
         """Predicted simulated seconds of one client round in ``config``: local steps + download + upload."""
         run = self._run
@@ -214,3 +278,29 @@ class ProgressiveUpgrade(FederatedAlgorithm):
         finally:
             module.set_trainable_state(saved)
         return seconds
+
+
+def _freeze_below(pl_module: Any, depth: int) -> list[torch.nn.Parameter]:
+    """Freeze the adapters below the top ``depth`` ones; return the parameters frozen."""
+    adapters = pl_module.adapter_injection.adapters  # by transformer-layer index
+    lowest_kept = sorted(adapters)[len(adapters) - depth :] if depth > 0 else []
+    frozen = []
+    for idx, adapter in adapters.items():
+        if idx in lowest_kept:
+            continue
+        for param in adapter.parameters():
+            if param.requires_grad:
+                param.requires_grad_(False)
+                frozen.append(param)
+    return frozen
+
+
+@contextlib.contextmanager
+def _train_depth(pl_module: Any, depth: int) -> Iterator[list[torch.nn.Parameter]]:
+    """Within: only the top ``depth`` adapters train (the others frozen); afterwards all train again."""
+    frozen = _freeze_below(pl_module, depth)
+    try:
+        yield frozen
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)

@@ -13,6 +13,14 @@ devices. Here they run one after the other (each Lightning epoch is one round of
 Plain torch: what needs the model (a state's validation accuracy, a state grown to a configuration, a
 configuration's per-round cost) is asked as a query, which the client half
 (:class:`~lightning_fedpeft.fedadapter.ProgressiveUpgrade`) answers on the server's process.
+
+On a fleet (``client_devices`` given), two things change. The trial groups are drawn within device
+classes: every group of a round gets the same number of clients of each device (the fleet's shares,
+rounded by largest remainder), so a trial's verdict is on its configuration, not on the device mix it drew.
+And every client trains the top ``d_c`` adapters of the trial's ``d`` that fit its memory and the round's
+time budget (:mod:`lightning_fedpeft.budgets`; the adapters below stay as received), each adapter averaged
+over the clients that trained it. A configuration's per-round cost is then the predicted round time of the
+whole fleet with those budgets.
 """
 
 from __future__ import annotations
@@ -25,8 +33,12 @@ from typing import Any
 
 import torch
 
+from lightning_fedpeft.aggregation import held_share
+from lightning_fedpeft.budgets import CandidateCost, assign
+from lightning_fedpeft.fleet import largest_remainder
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
 from lightning_fedpeft.seeds import derived_seed
+from lightning_fedpeft.state import layer_of
 from lightning_fedpeft.strategy import FedAvg, Query
 
 log = logging.getLogger(__name__)
@@ -54,6 +66,14 @@ class GrowState(Query):
 @dataclass(frozen=True, eq=False)  # one query is one question: identity, not value
 class RoundCost(Query):
     """The predicted simulated seconds (a float) of one client round in ``config``."""
+
+    config: Config
+
+
+@dataclass(frozen=True, eq=False)  # one query is one question: identity, not value
+class DepthCosts(Query):
+    """On a fleet: for ``config``, each train depth's (``depth`` down to 1) predicted round seconds per device
+    profile and counted memory, as ``[{"depth": d, "seconds": {device: s}, "memory_bytes": m}, ...]``."""
 
     config: Config
 
@@ -106,6 +126,12 @@ class TrialGroupStrategy(FedAvg):
         depth_step / width_step / max_width: how candidates grow.
         candidates: which of ``shallow``, ``deeper``, ``wider`` are tried each window.
         seed: seeds the sampling of groups.
+        client_devices: on a fleet, every client's device profile (client 0 first); see the module docstring.
+        device_memory_gb: the fleet's profiles' memory (``None``: unlimited).
+        round_budget_s: a round's time budget on a fleet (``None``: the median participant's time at the
+            trial's configuration).
+        per_client_depth: on a fleet, size each client's train depth (``False``: every client trains the
+            whole configuration, and a round lasts as long as its slowest device).
     """
 
     def __init__(
@@ -120,6 +146,10 @@ class TrialGroupStrategy(FedAvg):
         max_width: int = 64,
         candidates: Sequence[str] = CANDIDATES,
         seed: int = 0,
+        client_devices: Sequence[str] | None = None,
+        device_memory_gb: dict[str, float | None] | None = None,
+        round_budget_s: float | None = None,
+        per_client_depth: bool = True,
     ) -> None:
         super().__init__(clients_per_group, seed=seed)
         self.num_layers = num_layers
@@ -140,6 +170,15 @@ class TrialGroupStrategy(FedAvg):
         self._pending: list[Query] = []
         self._costs: dict[Config, float] = {}  # the next window's candidates, as they are answered
         self._metrics: dict[str, float] = {}
+        self.client_devices = list(client_devices) if client_devices is not None else None
+        self.device_memory_gb = dict(device_memory_gb or {})
+        self.round_budget_s = round_budget_s
+        self.per_client_depth = per_client_depth
+        self._depth_costs: dict[Config, list[CandidateCost]] = {}  # a fleet's train depths per configuration
+        self._train_depth: dict[int, int] = {}  # this round's clients' train depths (a fleet)
+        self._sent: TrainableState = {}  # this round's global state (what untrained adapters must still equal)
+        self._global: TrainableState = {}  # the global state as this strategy last made it
+        self._fleet_metrics: dict[str, float] = {}
 
     def use_aggregator(self, aggregator: Any) -> None:
         if aggregator.private:
@@ -169,9 +208,35 @@ class TrialGroupStrategy(FedAvg):
                 f"upgrade.candidates or more data.num_clients"
             )
         super().validate(num_clients)  # binds the aggregator to the run's sizes
+        if self.client_devices is not None:
+            mix = self.group_mix()
+            left_out = [d for d, n in mix.items() if n == 0]
+            if left_out:
+                log.warning(
+                    "FedAdapter trial groups of %d clients drawn within device classes get no %s client (its share "
+                    "of the fleet rounds to 0): raise federation.clients_per_round to include it",
+                    self.clients_per_round,
+                    ", ".join(repr(d) for d in left_out),
+                )
+            for device, per_group in mix.items():
+                have = self.client_devices.count(device)
+                if per_group * self.groups > have:
+                    raise ValueError(
+                        f"FedAdapter trial groups drawn within device classes need {self.groups} x {per_group} "
+                        f"{device!r} clients per round but the fleet has {have}; lower "
+                        f"federation.clients_per_round or use fewer upgrade.candidates"
+                    )
+
+    def group_mix(self) -> dict[str, int]:
+        """On a fleet: how many clients of each device class every trial group gets (the fleet's shares)."""
+        assert self.client_devices is not None
+        counts = {d: self.client_devices.count(d) for d in dict.fromkeys(self.client_devices)}
+        total = len(self.client_devices)
+        return largest_remainder({d: n / total for d, n in counts.items()}, self.clients_per_round)
 
     # -- windows ------------------------------------------------------------------------------------------
     def initialize(self, global_state: TrainableState) -> None:
+        self._global = global_state
         if not self.trials and not self._pending:  # a resumed run keeps the checkpoint's window
             self._open_window(global_state)
 
@@ -196,9 +261,10 @@ class TrialGroupStrategy(FedAvg):
         """Start a decision window from the global ``state``: ask what planning it needs."""
         self.trials, self.phase, self.results, self._costs = [], 0, {}, {}
         self.window_start_state = {k: v.clone() for k, v in state.items()}
+        cost = RoundCost if self.client_devices is None else DepthCosts
         if self.window_s is None:
-            self._pending.append(RoundCost(self.start))
-        self._pending.extend(RoundCost(cfg) for _, cfg in self.candidate_configs())
+            self._pending.append(cost(self.start))
+        self._pending.extend(cost(cfg) for _, cfg in self.candidate_configs())
         if self.start_acc is None:
             self._pending.append(EvaluateState(self.window_start_state, "start"))
 
@@ -226,24 +292,75 @@ class TrialGroupStrategy(FedAvg):
         # the same sample of groups x clients_per_group clients, group k taking the k-th slice.
         need = self.groups * self.clients_per_round
         gen = torch.Generator().manual_seed(derived_seed(self.seed, self.window, trial.done))
-        chosen = torch.randperm(num_clients, generator=gen)[:need].tolist()
         k = self.phase
-        clients = sorted(chosen[k * self.clients_per_round : (k + 1) * self.clients_per_round])
+        if self.client_devices is None:
+            chosen = torch.randperm(num_clients, generator=gen)[:need].tolist()
+            clients = sorted(chosen[k * self.clients_per_round : (k + 1) * self.clients_per_round])
+        else:  # within device classes: group k takes the k-th slice of every class's sample
+            clients = []
+            for device, per_group in self.group_mix().items():
+                members = [c for c, d in enumerate(self.client_devices) if d == device]
+                drawn = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
+                clients += drawn[k * per_group : (k + 1) * per_group]
+            clients.sort()
         told = {"adapter_depth": trial.depth, "adapter_width": trial.width, "decided_depth": self.config[0]}
-        return RoundPlan(round=round_idx, client_ids=clients, instructions={c: dict(told) for c in clients})
+        plan = RoundPlan(round=round_idx, client_ids=clients, instructions={c: dict(told) for c in clients})
+        self._train_depth, self._sent = {}, {}
+        if self.client_devices is not None and self.per_client_depth and trial.depth > 0:
+            self._sent = self._global
+            candidates = self._depth_costs[(trial.depth, trial.width)]
+            devices = {c: self.client_devices[c] for c in clients}
+            budget = assign(candidates, devices, self.device_memory_gb, self.round_budget_s)
+            for c in clients:
+                self._train_depth[c] = candidates[budget.choice[c]].size
+                plan.instructions[c]["train_depth"] = self._train_depth[c]
+            depths = list(self._train_depth.values())
+            self._fleet_metrics = {
+                "mean_train_depth": sum(depths) / len(depths),
+                "min_train_depth": float(min(depths)),
+                "pred_round_s": budget.assigned_s,
+                "pred_uniform_round_s": budget.uniform_s,
+                "pred_saved_s": budget.uniform_s - budget.assigned_s,
+            }
+        return plan
+
+    def _held(self, client_id: int, state: TrainableState) -> dict[str, torch.Tensor]:
+        """The adapters a fleet client did not train (below its top ``train_depth``) as all-False masks."""
+        depth = self._train_depth.get(client_id)
+        if depth is None:
+            return {}
+        layers = sorted({layer for k in state if "adapter" in k and (layer := layer_of(k)) is not None})
+        below = set(layers[: len(layers) - depth])
+        return {k: torch.zeros((), dtype=torch.bool) for k in state if "adapter" in k and layer_of(k) in below}
+
+    def check_update(self, update: ClientUpdate) -> str | None:
+        if self._sent:
+            for name in self._held(update.client_id, self._sent):
+                if not torch.equal(update.state[name], self._sent[name]):
+                    return f"{name} changed, below the top {self._train_depth[update.client_id]} adapters it trains"
+        return super().check_update(update)
+
+    def transfer_share(self, client_id: int) -> float:
+        if not self._sent or client_id not in self._train_depth:
+            return 1.0
+        return held_share(self._sent, self._held(client_id, self._sent))
 
     # -- aggregate: average; at the end of a trial, score it, then grow the next or decide ----------------
     def aggregate(
         self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
     ) -> TrainableState:
         trial = self.trials[self.phase]
-        new_state = super().aggregate(round_idx, global_state, updates)
+        held = [self._held(u.client_id, global_state) for u in updates]
+        held = held if any(held) else None  # every client trained every adapter: the plain rule, bit for bit
+        new_state = self.combine(round_idx, global_state, updates, held)
+        self._global = new_state
         trial.done += 1
         self._metrics = {
             "window": float(self.window),
             "trial_depth": float(trial.depth),
             "trial_width": float(trial.width),
-        }
+        } | self._fleet_metrics
+        self._fleet_metrics = {}
         if trial.done == trial.rounds:
             self.results[self.phase] = new_state
             self._pending.append(EvaluateState(new_state, "trial"))
@@ -260,14 +377,20 @@ class TrialGroupStrategy(FedAvg):
 
     def answer(self, query: Query, value: Any) -> TrainableState | None:
         self._pending.remove(query)
-        if isinstance(query, RoundCost):
+        if isinstance(query, DepthCosts):
+            self._depth_costs[query.config] = [
+                CandidateCost(int(c["depth"]), dict(c["seconds"]), int(c["memory_bytes"])) for c in value
+            ]
+            value = self._fleet_round_s(query.config)
+        if isinstance(query, RoundCost | DepthCosts):
             if self.window_s is None and query.config == self.start:
                 self.window_s = self.window_rounds * float(value)
             self._costs[query.config] = float(value)
-            if not any(isinstance(q, RoundCost) for q in self._pending):
+            if not any(isinstance(q, RoundCost | DepthCosts) for q in self._pending):
                 self._plan_window()
             return None
         if isinstance(query, GrowState):
+            self._global = value
             return value
         if not isinstance(query, EvaluateState):
             return super().answer(query, value)
@@ -281,7 +404,17 @@ class TrialGroupStrategy(FedAvg):
             assert self.window_start_state is not None
             self._pending.append(GrowState(self.window_start_state, (nxt.depth, nxt.width)))
             return None
-        return self._decide()
+        self._global = self._decide()
+        return self._global
+
+    def _fleet_round_s(self, config: Config) -> float:
+        """A configuration's predicted round time on the fleet: every client of the fleet at its budget."""
+        assert self.client_devices is not None
+        candidates = self._depth_costs[config]
+        if not self.per_client_depth:  # everyone at the configuration: the slowest device sets the pace
+            return max(candidates[0].seconds[d] for d in set(self.client_devices))
+        devices = dict(enumerate(self.client_devices))
+        return assign(candidates, devices, self.device_memory_gb, self.round_budget_s).assigned_s
 
     def _decide(self) -> TrainableState:
         # Highest validation accuracy wins; on a tie the earlier (cheaper: shallow first) candidate.
@@ -345,6 +478,7 @@ class TrialGroupStrategy(FedAvg):
             "window_start_state": self.window_start_state,
             "results": self.results,
             "decisions": [asdict(d) for d in self.decisions],
+            "depth_costs": {cfg: [asdict(c) for c in cs] for cfg, cs in self._depth_costs.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -359,4 +493,7 @@ class TrialGroupStrategy(FedAvg):
         self.window_start_state = state["window_start_state"]
         self.results = dict(state["results"])
         self.decisions = [Decision(**d) for d in state["decisions"]]
+        self._depth_costs = {
+            tuple(cfg): [CandidateCost(**c) for c in cs] for cfg, cs in state.get("depth_costs", {}).items()
+        }
         self._pending = []

@@ -21,7 +21,6 @@ bias. Allocation and pruning go on, on the global order, as without a fleet.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +30,11 @@ import torch
 from lightning_fedpeft.aggregation import held_share
 from lightning_fedpeft.budgets import CandidateCost, assign
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
+from lightning_fedpeft.state import layer_of
 from lightning_fedpeft.strategy import FedAvg, Query
 from lightning_fedpeft.tuners.svd import module_names_in_state, pack, triplet_keys, unpack
 
 IMPORTANCE = ".importance"  # suffix of a module's importance vector in ClientUpdate.tensors
-# A module's transformer layer in its name: BERT's ".layer.3.", Llama's ".layers.3.", GPT-2's ".h.3.".
-_LAYER_INDEX = re.compile(r"\.(?:layer|layers|h)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -396,7 +394,7 @@ class RankAllocationStrategy(FedAvg):
         if not self.masks:
             return {}
         live = self.live_modules
-        layers = [int(x.group(1)) for m in live if (x := _LAYER_INDEX.search(m))]
+        layers = [layer for m in live if (layer := layer_of(m + ".")) is not None]
         return (
             super().round_metrics()
             | {
