@@ -545,3 +545,17 @@ def test_fedadapter_on_a_fleet_trains_each_client_at_its_depth(stackoverflow, tr
     assert all(0 < r["pred_saved_s"] and r["pred_round_s"] < r["pred_uniform_round_s"] for r in rows)
     assert upgrade.decisions, "a decision window closed"
     assert all(p.requires_grad for n, p in model.named_parameters() if "adapter" in n)
+
+
+def test_the_fleet_bench_runs_and_tabulates(tmp_path: Path) -> None:
+    # A smoke run of two methods: the bench's own code (runs, table, plot) runs before anyone spends hours on it.
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "bench/fleet.py", "--tiny", "--out", str(tmp_path), "--methods", "b_uniform_large"]
+    proc = subprocess.run([*cmd, "c_hetlora_exact"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "table.md").read_text()
+    assert "| 1.0 | 0 | b_uniform_large |" in table and "| 1.0 | 0 | c_hetlora_exact |" in table
+    assert (tmp_path / "fleet.png").stat().st_size > 10_000

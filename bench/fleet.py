@@ -1,0 +1,211 @@
+"""A mixed fleet: simulated hours to a common accuracy for fleet-aware methods and their uniform baselines.
+
+100 clients of 20 Newsgroups (MiniLM, 64 tokens) with Dirichlet(alpha) label skew, 10 per round, on a fleet
+of half Raspberry Pi 4B, 30% Jetson Orin Nano and 20% Jetson TX2 (``resources/devices.yaml``; dealt from the
+seed), every client timed on its own device by the cost model (a round lasts as long as its slowest client):
+
+* ``a_uniform_small``: adapters (depth 2, width 16) on every client, the cheap configuration the weakest
+  device keeps up with (the activation cache serves the frozen bottom, as in bench/fedadapter.py);
+* ``b_uniform_large``: LoRA rank 8 on all six linear kinds of every layer, every client; stragglers set the pace;
+* ``c_hetlora_zero_pad``: LoRA with rank 2 on the Raspberry Pis and 8 on the Jetsons, HetLoRA's zero-padding;
+* ``c_hetlora_exact``: the same ranks, every coordinate averaged over the clients that trained it (ours);
+* ``d_fedara_fleet``: FedARA (SVD rank 8, target rank 1) with every client's nested prefix sized to its device;
+* ``e_fedadapter_fleet``: FedAdapter (from depth 0, width 8) with trial groups drawn within device classes
+  and every client's depth sized to its device.
+
+Every run stops at ``--max-sim-hours`` on the simulated clock (or ``--rounds``). Reported per alpha: the best
+and final validation accuracy, the simulated hours to the common target (``--target-fraction`` x the lowest
+best accuracy of the alpha's methods, so every method reaches it) and how many times sooner the fleet-aware
+methods (d, e) reach it than the best of the baselines (a-c). Goals (issue 32): d or e >= 1.5x the best of
+a-c at >= its best accuracy, at both alphas. ``--seeds`` runs each (alpha, method) per seed (the seed also
+changes the partition and the fleet); the tables give each seed's figure and their mean.
+
+    python bench/fleet.py --out bench/out/fleet                       # hours on 2 CPU cores: see docs/results.md
+    python bench/fleet.py --tiny --out /tmp/fleet_tiny                # a 2-layer smoke run in about a minute
+
+FedAdapter x FedARA (method f of the issue) is not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+from _common import quiet_trainer
+
+from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, HeterogeneousLoRA, RoundSync
+from lightning_fedpeft.cost import CostModel
+from lightning_fedpeft.fedadapter import ProgressiveUpgrade
+from lightning_fedpeft.fedara import ModulePruning, RankAllocation
+from lightning_fedpeft.fleet import Fleet
+from lightning_fedpeft.models import DEFAULT_SVD_TARGETS
+
+FLEET = {"rpi4b": 0.5, "orin_nano": 0.3, "tx2": 0.2}
+METHODS = (
+    "a_uniform_small",
+    "b_uniform_large",
+    "c_hetlora_zero_pad",
+    "c_hetlora_exact",
+    "d_fedara_fleet",
+    "e_fedadapter_fleet",
+)
+BASELINES = ("a_uniform_small", "b_uniform_large", "c_hetlora_zero_pad", "c_hetlora_exact")
+FLEET_AWARE = ("d_fedara_fleet", "e_fedadapter_fleet")
+
+
+def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict:
+    pl.seed_everything(seed, verbose=False)
+    data = FederatedTextDataModule(
+        corpus=args.corpus,
+        max_length=args.max_length,
+        num_clients=args.num_clients,
+        partitioner="dirichlet",
+        alpha=alpha,
+        batch_size=16,
+        max_train_examples=args.max_train_examples,
+        max_val_examples=args.val_examples,
+        min_partition_size=args.min_partition_size,
+        seed=seed,
+    )
+    data.setup("fit")
+    layers = {"num_labels": data.num_labels} | ({"num_hidden_layers": args.layers} if args.layers else {})
+    svd_like = {"rank": 8, "lora_alpha": 16, "target_modules": list(DEFAULT_SVD_TARGETS)}
+    cost = CostModel(bandwidth_mbps=args.bandwidth_mbps, fleet=Fleet(fractions=FLEET))
+    callbacks: list = []
+    if method == "a_uniform_small":
+        model = FedPEFTModule(method="adapter", depth=2, width=16, lr=args.adapter_lr, **layers)
+    elif method == "b_uniform_large":
+        model = FedPEFTModule(method="lora", lr=args.lora_lr, **svd_like, **layers)
+    elif method.startswith("c_hetlora"):
+        model = FedPEFTModule(method="lora", lr=args.lora_lr, **svd_like, **layers)
+        rule = "zero_pad" if method.endswith("zero_pad") else "per_coordinate"
+        callbacks.append(HeterogeneousLoRA(ranks={"rpi4b": 2, "orin_nano": 8, "tx2": 8}, rule=rule))
+    elif method == "d_fedara_fleet":
+        model = FedPEFTModule(method="svd", lr=args.lr, **svd_like, **layers)
+        callbacks += [RankAllocation(target_rank=1.0, total_rounds=args.rounds, warmup_rounds=2, final_rounds=2)]
+        callbacks.append(ModulePruning())
+    elif method == "e_fedadapter_fleet":
+        model = FedPEFTModule(method="adapter", depth=0, width=8, lr=args.adapter_lr, **layers)
+        callbacks.append(ProgressiveUpgrade(start_depth=0, start_width=8, max_val_batches=args.trial_val_batches))
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    sync = RoundSync(
+        clients_per_round=args.clients_per_round,
+        seed=seed,
+        eval_every=args.eval_every,
+        cost_model=cost,
+        max_sim_hours=args.max_sim_hours,
+    )
+    trainer = quiet_trainer(max_epochs=args.rounds, callbacks=[sync, *callbacks])
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=data)
+    wall = time.perf_counter() - t0
+    keep = ("round", "val_acc", "sim_time_h", "sim_round_s", "pred_saved_s", "mean_client_triplets", "mean_train_depth")
+    rows = [{k: row[k] for k in keep if k in row} for row in sync.history]
+    accs = [r["val_acc"] for r in rows if "val_acc" in r]
+    print(
+        f"[alpha={alpha} seed={seed} {method}] {len(rows)} rounds, {rows[-1]['sim_time_h']:.3f} sim h, {wall:.0f}s "
+        f"wall, best val_acc {max(accs):.4f}, final {accs[-1]:.4f}",
+        flush=True,
+    )
+    return {"rows": rows, "best": max(accs), "final": accs[-1], "wall_s": wall}
+
+
+def hours_to(rows: list[dict], target: float) -> float | None:
+    return next((r["sim_time_h"] for r in rows if r.get("val_acc", -1.0) >= target), None)
+
+
+def table(results: dict, fraction: float) -> str:
+    """Per (alpha, seed, method): accuracies, sim hours to the target, and the fleet-aware speed-ups."""
+    lines = [
+        "| alpha | seed | method | best val acc | final val acc | target | sim h to target | best baseline / this |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, runs in results.items():
+        alpha, seed = key.split("/")
+        target = fraction * min(r["best"] for r in runs.values())
+        base = [h for m, r in runs.items() if m in BASELINES and (h := hours_to(r["rows"], target)) is not None]
+        best_base = min(base) if base else None
+        for method, res in runs.items():
+            h = hours_to(res["rows"], target)
+            ratio = f"{best_base / h:.2f}x" if (h and best_base and method in FLEET_AWARE) else ""
+            shown = f"{h:.3f}" if h is not None else "not reached"
+            lines.append(
+                f"| {alpha} | {seed} | {method} | {res['best']:.4f} | {res['final']:.4f} | {target:.4f} | {shown} | "
+                f"{ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(results)
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for method, res in results[key].items():
+            points = [(r["sim_time_h"], r["val_acc"]) for r in res["rows"] if "val_acc" in r]
+            ax.plot(*zip(*points, strict=True), label=method, marker=".")
+        ax.set_title(f"alpha/seed {key}")
+        ax.set_xlabel("simulated hours (fleet: 50% rpi4b, 30% orin_nano, 20% tx2)")
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "fleet.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--rounds", type=int, default=60, help="a cap on rounds (FedARA's schedule length)")
+    parser.add_argument("--max-sim-hours", type=float, default=0.5)
+    parser.add_argument("--clients-per-round", type=int, default=10)
+    parser.add_argument("--num-clients", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--val-examples", type=int, default=500)
+    parser.add_argument("--trial-val-batches", type=int, default=8)
+    parser.add_argument("--max-train-examples", type=int, default=None)
+    parser.add_argument("--min-partition-size", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--corpus", default="20NG")
+    parser.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
+    parser.add_argument("--bandwidth-mbps", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=5e-3, help="SVD adapters")
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--adapter-lr", type=float, default=5e-3)
+    parser.add_argument("--target-fraction", type=float, default=0.99)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer smoke run on Stack Overflow titles")
+    args = parser.parse_args()
+    if args.tiny:
+        args.corpus, args.layers, args.num_clients, args.clients_per_round = "stackoverflow", 2, 20, 6
+        args.max_train_examples, args.val_examples, args.rounds, args.max_length = 200, 32, 6, 32
+        args.max_sim_hours, args.alphas, args.eval_every, args.trial_val_batches = 10.0, [1.0], 1, 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    for alpha in args.alphas:
+        for seed in args.seeds:
+            runs = results.setdefault(f"{alpha}/{seed}", {})
+            for method in args.methods:
+                runs[method] = run(method, alpha, seed, args)
+                (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    text = table(results, args.target_fraction)
+    (args.out / "table.md").write_text(text + "\n")
+    plot(results, args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
