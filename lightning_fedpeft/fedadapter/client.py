@@ -211,29 +211,7 @@ class ProgressiveUpgrade(FederatedAlgorithm):
         return trainable_state(module)
 
     def _evaluate(self, state: dict[str, torch.Tensor], trainer: pl.Trainer, module: Any) -> float:
-        """Accuracy of ``state`` on the validation split (the activation cache is used if there is one).
-
-        Hand-written: Lightning's validation loop cannot run inside ``fit`` on a state other than the
-        global model it is about to validate, and candidates are scored between rounds.
-        """
-        module.set_trainable_state(state)
-        loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else module.val_dataloader()
-        cache = getattr(module, "activation_cache", None)
-        was_training = module.training
-        module.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if self.max_val_batches is not None and i >= self.max_val_batches:
-                    break
-                batch = {k: v.to(module.device) for k, v in batch.items()}
-                out = cache(module.model, batch) if cache is not None else module.model(**batch)
-                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-                total += int(batch["labels"].numel())
-        module.train(was_training)
-        if total == 0:
-            raise ValueError("ProgressiveUpgrade scores candidates on the validation split, which is empty")
-        return correct / total
+        return validation_accuracy(state, trainer, module, self.max_val_batches)
 
     def _depth_costs(self, config: Config, module: Any) -> list[dict[str, Any]]:
         """On a fleet: per train depth of ``config`` (its depth down to 1; 0 at depth 0), the predicted round
@@ -304,3 +282,31 @@ def _train_depth(pl_module: Any, depth: int) -> Iterator[list[torch.nn.Parameter
     finally:
         for param in frozen:
             param.requires_grad_(True)
+
+
+def validation_accuracy(
+    state: dict[str, torch.Tensor], trainer: pl.Trainer, module: Any, max_batches: int | None
+) -> float:
+    """Accuracy of ``state`` on the validation split (the activation cache is used if there is one).
+
+    Hand-written: Lightning's validation loop cannot run inside ``fit`` on a state other than the
+    global model it is about to validate, and candidates are scored between rounds.
+    """
+    module.set_trainable_state(state)
+    loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else module.val_dataloader()
+    cache = getattr(module, "activation_cache", None)
+    was_training = module.training
+    module.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = {k: v.to(module.device) for k, v in batch.items()}
+            out = cache(module.model, batch) if cache is not None else module.model(**batch)
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            total += int(batch["labels"].numel())
+    module.train(was_training)
+    if total == 0:
+        raise ValueError("ProgressiveUpgrade scores candidates on the validation split, which is empty")
+    return correct / total

@@ -152,8 +152,8 @@ class TripletCut:
         for name, layer in svd_layers(model).items():
             idx = sorted(int(i) for i in keep.get(name, []))
             rank = layer_rank(layer)
-            if idx == list(range(rank)):
-                continue
+            if idx and idx == list(range(rank)):
+                continue  # kept whole (a layer with no triplet at all is frozen below, as one cut to none)
             e, a, b = layer.lora_E[ADAPTER], layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
             full = (e.detach().clone(), a.detach().clone(), b.detach().clone())
             self.saved[name] = (layer, idx, full, a.requires_grad)
