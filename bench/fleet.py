@@ -23,7 +23,8 @@ changes the partition and the fleet); the tables give each seed's figure and the
     python bench/fleet.py --out bench/out/fleet                       # hours on 2 CPU cores: see docs/results.md
     python bench/fleet.py --tiny --out /tmp/fleet_tiny                # a 2-layer smoke run in about a minute
 
-FedAdapter x FedARA (method f of the issue) is not built yet.
+FedAdapter x FedARA (method f of the issue, ``lightning_fedpeft.depth_ranks.DepthRankUpgrade``) is not in this
+bench yet.
 """
 
 from __future__ import annotations
