@@ -95,6 +95,18 @@ def held_share(state: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tenso
     return kept / total if total else 1.0
 
 
+def changed_outside(
+    state: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor]
+) -> str | None:
+    """The first tensor of ``state`` that differs from ``sent`` outside the coordinates ``held`` marks, or ``None``:
+    what a client does not train it must send back as it got it."""
+    for name, mask in held.items():
+        outside = ~mask.expand(sent[name].shape)
+        if not torch.equal(state[name][outside], sent[name][outside]):
+            return name
+    return None
+
+
 def _holders(held: Held, name: str, ref: torch.Tensor, count: int) -> torch.Tensor:
     """``(count, *ref.shape)`` float64 0/1: which update holds which coordinate of ``name``."""
     ones = torch.ones(ref.shape, dtype=torch.float64)

@@ -20,7 +20,7 @@ checks the whole together.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_fedpeft.cost import CostModel
 from lightning_fedpeft.protocol import ClientContext, ClientResult, TrainableState
+from lightning_fedpeft.state import load_trainable_state
 from lightning_fedpeft.strategy import FedAvg, Query, Strategy
 
 A = TypeVar("A", bound="FederatedAlgorithm")
@@ -90,6 +91,23 @@ class FederatedAlgorithm(Callback):
     def on_client_end(self, ctx: ClientContext, pl_module: pl.LightningModule) -> ClientResult:
         """A client finished its local steps; what to send and log with its update."""
         return ClientResult()
+
+
+def load_state(pl_module: pl.LightningModule, state: TrainableState, algorithms: Sequence[FederatedAlgorithm]) -> None:
+    """Load ``state`` into ``pl_module`` as RoundSync does at every client and round.
+
+    A module that can change shape to fit the state (adapters of another depth/width, SVD layers of another
+    rank) says so by defining ``set_trainable_state``; any other module is first made to fit by the
+    algorithms whose states change shape (:meth:`FederatedAlgorithm.adopt_state`), then gets a strict,
+    in-place load.
+    """
+    setter = getattr(pl_module, "set_trainable_state", None)
+    if callable(setter):
+        setter(state)
+        return
+    for algorithm in algorithms:
+        algorithm.adopt_state(pl_module, state)
+    load_trainable_state(pl_module, state)
 
 
 def configure_algorithms(run: FederatedRun, given: Strategy | None) -> tuple[FederatedAlgorithm | None, Strategy]:

@@ -36,6 +36,14 @@ class Assignment:
     uniform_s: float  # predicted round time had every participant trained the global configuration
     assigned_s: float  # predicted round time with the assigned configurations
 
+    def metrics(self) -> dict[str, float]:
+        """The round's predicted times, as its row in ``rounds.csv`` logs them."""
+        return {
+            "pred_round_s": self.assigned_s,
+            "pred_uniform_round_s": self.uniform_s,
+            "pred_saved_s": self.uniform_s - self.assigned_s,
+        }
+
 
 def assign(
     candidates: Sequence[CandidateCost],

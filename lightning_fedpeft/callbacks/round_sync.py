@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_fedpeft.aggregation import Aggregator, ServerOptimizer
-from lightning_fedpeft.algorithm import FederatedAlgorithm, FederatedRun, configure_algorithms
+from lightning_fedpeft.algorithm import FederatedAlgorithm, FederatedRun, configure_algorithms, load_state
 from lightning_fedpeft.callbacks.client_data import ClientData
 from lightning_fedpeft.callbacks.round_log import RoundLog, empty_rounds, refusals
 from lightning_fedpeft.callbacks.zero_reset import deepspeed_stage, prepare_deepspeed, reset_zero_optimizer
@@ -39,7 +39,7 @@ from lightning_fedpeft.launchers import FederationAborted, RoundChannel, Transpo
 from lightning_fedpeft.protocol import TrainableState
 from lightning_fedpeft.rounds import LocalRound, check_local_work, client_seed
 from lightning_fedpeft.server import FederatedServer
-from lightning_fedpeft.state import host_trainable_state, load_trainable_state, to_host
+from lightning_fedpeft.state import host_trainable_state, to_host
 from lightning_fedpeft.strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -341,16 +341,7 @@ class RoundSync(Callback):
         self.round_log.log_to(pl_module, row)
 
     def _load_state(self, pl_module: pl.LightningModule, state: TrainableState) -> None:
-        # A module that can change shape to fit the state (adapters of another depth/width) says so by
-        # defining set_trainable_state; any other module is first made to fit by the algorithms whose
-        # states change shape (adopt_state), then gets a strict, in-place load.
-        setter = getattr(pl_module, "set_trainable_state", None)
-        if callable(setter):
-            setter(state)
-            return
-        for algorithm in self.algorithms:
-            algorithm.adopt_state(pl_module, state)
-        load_trainable_state(pl_module, state)
+        load_state(pl_module, state, self.algorithms)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         local = self._round

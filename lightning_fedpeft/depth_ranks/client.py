@@ -13,12 +13,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun
+from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun, load_state
 from lightning_fedpeft.depth_ranks.strategy import DepthRankStrategy, StateCost
 from lightning_fedpeft.fedadapter.client import validation_accuracy
 from lightning_fedpeft.fedadapter.strategy import EvaluateState
 from lightning_fedpeft.fedara.client import SensitivityAverages, triplet_importance
-from lightning_fedpeft.state import load_trainable_state, state_nbytes, trainable_state
+from lightning_fedpeft.state import state_nbytes, trainable_state
 from lightning_fedpeft.strategy import Query
 from lightning_fedpeft.tuners.svd import TripletCut, adopt_state_ranks, layer_rank, set_rank, svd_layers
 
@@ -127,7 +127,7 @@ class DepthRankUpgrade(FederatedAlgorithm):
         run = self._run
         assert run is not None and run.cost_model is not None
         cost = run.cost_model
-        _load(pl_module, state, self)
+        load_state(pl_module, state, [self])
         cut = _freeze_empty(pl_module)
         try:
             batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
@@ -161,12 +161,3 @@ def _freeze_empty(pl_module: Any) -> TripletCut:
     """Freeze every SVD layer that holds no triplet (dormant, or emptied by the mask); the rest untouched."""
     keep = {name: list(range(layer_rank(layer))) for name, layer in svd_layers(pl_module).items()}
     return TripletCut(pl_module, keep)
-
-
-def _load(pl_module: Any, state: dict[str, torch.Tensor], algorithm: FederatedAlgorithm) -> None:
-    setter = getattr(pl_module, "set_trainable_state", None)
-    if callable(setter):
-        setter(state)
-        return
-    algorithm.adopt_state(pl_module, state)
-    load_trainable_state(pl_module, state)

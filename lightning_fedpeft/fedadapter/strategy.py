@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from lightning_fedpeft.aggregation import held_share
+from lightning_fedpeft.aggregation import changed_outside, held_share
 from lightning_fedpeft.budgets import CandidateCost, assign
 from lightning_fedpeft.fleet import largest_remainder
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
@@ -318,10 +318,7 @@ class TrialGroupStrategy(FedAvg):
             self._fleet_metrics = {
                 "mean_train_depth": sum(depths) / len(depths),
                 "min_train_depth": float(min(depths)),
-                "pred_round_s": budget.assigned_s,
-                "pred_uniform_round_s": budget.uniform_s,
-                "pred_saved_s": budget.uniform_s - budget.assigned_s,
-            }
+            } | budget.metrics()
         return plan
 
     def _held(self, client_id: int, state: TrainableState) -> dict[str, torch.Tensor]:
@@ -334,10 +331,8 @@ class TrialGroupStrategy(FedAvg):
         return {k: torch.zeros((), dtype=torch.bool) for k in state if "adapter" in k and layer_of(k) in below}
 
     def check_update(self, update: ClientUpdate) -> str | None:
-        if self._sent:
-            for name in self._held(update.client_id, self._sent):
-                if not torch.equal(update.state[name], self._sent[name]):
-                    return f"{name} changed, below the top {self._train_depth[update.client_id]} adapters it trains"
+        if self._sent and (name := changed_outside(update.state, self._sent, self._held(update.client_id, self._sent))):
+            return f"{name} changed, below the top {self._train_depth[update.client_id]} adapters it trains"
         return super().check_update(update)
 
     def transfer_share(self, client_id: int) -> float:

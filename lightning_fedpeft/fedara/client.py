@@ -16,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun
+from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun, load_state
 from lightning_fedpeft.cost import check_memory, train_memory_bytes
 from lightning_fedpeft.fedara.strategy import (
     IMPORTANCE,
@@ -27,7 +27,7 @@ from lightning_fedpeft.fedara.strategy import (
 )
 from lightning_fedpeft.protocol import TrainableState
 from lightning_fedpeft.resources import ClientResources
-from lightning_fedpeft.state import load_trainable_state
+from lightning_fedpeft.state import host_trainable_state
 from lightning_fedpeft.strategy import Query
 from lightning_fedpeft.tuners.svd import (
     ADAPTER,
@@ -147,7 +147,7 @@ class RankAllocation(FederatedAlgorithm):
         self.strategy = build()
         if on_fleet:  # the smallest prefix must fit every device: say so now, not in round 1
             probe = build()
-            probe.start(_trainable(pl_module))
+            probe.start(host_trainable_state(pl_module))
             sizes, prefixes = probe.candidate_prefixes()
             cut = TripletCut(pl_module, prefixes[-1])
             try:
@@ -164,7 +164,7 @@ class RankAllocation(FederatedAlgorithm):
         run = self._run
         assert run is not None and run.cost_model is not None
         cost = run.cost_model
-        _load(pl_module, query.state, self)
+        load_state(pl_module, query.state, [self])
         model = getattr(pl_module, "model", pl_module)
         batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
         cache = getattr(pl_module, "activation_cache", None)
@@ -266,20 +266,6 @@ class SensitivityAverages:
             torch._foreach_abs_(spread)
             torch._foreach_mul_(avg_unc, self.beta2)
             torch._foreach_add_(avg_unc, torch._foreach_mul(spread, 1 - self.beta2))
-
-
-def _trainable(pl_module: torch.nn.Module) -> TrainableState:
-    return {n: p.detach().cpu() for n, p in pl_module.named_parameters() if p.requires_grad}
-
-
-def _load(pl_module: pl.LightningModule, state: TrainableState, algorithm: FederatedAlgorithm) -> None:
-    """``state`` into ``pl_module`` as RoundSync loads one (resizing SVD layers to it)."""
-    setter = getattr(pl_module, "set_trainable_state", None)
-    if callable(setter):
-        setter(state)
-        return
-    algorithm.adopt_state(pl_module, state)
-    load_trainable_state(pl_module, state)
 
 
 def _holds_adalora(pl_module: torch.nn.Module) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from lightning_fedpeft.aggregation import held_share
+from lightning_fedpeft.aggregation import changed_outside, held_share
 from lightning_fedpeft.budgets import CandidateCost, assign
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
 from lightning_fedpeft.state import layer_of
@@ -217,10 +217,7 @@ class RankAllocationStrategy(FedAvg):
             "round_budget_s": budget.budget_s,
             "mean_client_triplets": sum(sizes) / len(sizes),
             "min_client_triplets": float(min(sizes)),
-            "pred_uniform_round_s": budget.uniform_s,
-            "pred_round_s": budget.assigned_s,
-            "pred_saved_s": budget.uniform_s - budget.assigned_s,
-        }
+        } | budget.metrics()
         return plan
 
     def transfer_share(self, client_id: int) -> float:
@@ -316,11 +313,8 @@ class RankAllocationStrategy(FedAvg):
     # -- Strategy -----------------------------------------------------------------------------------------------
     def check_update(self, update: ClientUpdate) -> str | None:
         held = self._held.get(update.client_id)
-        if held is not None:  # what a client does not train it sends back as it got it
-            for name, mask in held.items():
-                outside = ~mask.expand(self._sent[name].shape)
-                if not torch.equal(update.state[name][outside], self._sent[name][outside]):
-                    return f"{name} changed outside the triplets this client was told to train"
+        if held is not None and (name := changed_outside(update.state, self._sent, held)) is not None:
+            return f"{name} changed outside the triplets this client was told to train"
         if not self.masks or not self.wants_importance(update.round):
             return None
         for m in self.masks:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_fedpeft.aggregation import held_share
+from lightning_fedpeft.aggregation import changed_outside, held_share
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
 from lightning_fedpeft.strategy import FedAvg
 
@@ -84,10 +84,9 @@ class HeteroLoRAStrategy(FedAvg):
         if not self._global:
             return None
         rank = self.client_ranks[update.client_id]
-        for name, mask in rank_masks(self._global, rank).items():
-            outside = ~mask.expand(self._global[name].shape)
-            if not torch.equal(update.state[name][outside], self._global[name][outside]):
-                return f"{name} changed beyond the first {rank} ranks this client was told to train"
+        name = changed_outside(update.state, self._global, rank_masks(self._global, rank))
+        if name is not None:
+            return f"{name} changed beyond the first {rank} ranks this client was told to train"
         return None
 
     def transfer_share(self, client_id: int) -> float:
