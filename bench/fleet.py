@@ -11,20 +11,23 @@ seed), every client timed on its own device by the cost model (a round lasts as 
 * ``c_hetlora_exact``: the same ranks, every coordinate averaged over the clients that trained it (ours);
 * ``d_fedara_fleet``: FedARA (SVD rank 8, target rank 1) with every client's nested prefix sized to its device;
 * ``e_fedadapter_fleet``: FedAdapter (from depth 0, width 8) with trial groups drawn within device classes
-  and every client's depth sized to its device.
+  and every client's depth sized to its device;
+* ``f_depth_ranks``: FedAdapter x FedARA (``DepthRankUpgrade``): SVD adapters (rank 8) grown in depth from the
+  top layer by trial groups, their ranks allocated down to 1 per module by the winner's importance. Unlike d and
+  e it gives every client of a trial the same configuration (no per-client budgets yet, see docs/fleet.md).
 
 Every run stops at ``--max-sim-hours`` on the simulated clock (or ``--rounds``). Reported per alpha: the best
 and final validation accuracy, the simulated hours to the common target (``--target-fraction`` x the lowest
 best accuracy of the alpha's methods, so every method reaches it) and how many times sooner the fleet-aware
-methods (d, e) reach it than the best of the baselines (a-c). Goals (issue 32): d or e >= 1.5x the best of
+methods (d, e, f) reach it than the best of the baselines (a-c). Goals (issue 32): d or f >= 1.5x the best of
 a-c at >= its best accuracy, at both alphas. ``--seeds`` runs each (alpha, method) per seed (the seed also
 changes the partition and the fleet); the tables give each seed's figure and their mean.
 
     python bench/fleet.py --out bench/out/fleet                       # hours on 2 CPU cores: see docs/results.md
     python bench/fleet.py --tiny --out /tmp/fleet_tiny                # a 2-layer smoke run in about a minute
 
-FedAdapter x FedARA (method f of the issue, ``lightning_fedpeft.depth_ranks.DepthRankUpgrade``) is not in this
-bench yet.
+``--from-results A.json B.json`` re-tabulates and re-plots runs saved by earlier invocations (for instance the
+baselines and the fleet-aware methods run apart) without training anything; the target is recomputed over all.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from _common import quiet_trainer
 
 from lightning_fedpeft import FederatedTextDataModule, FedPEFTModule, HeterogeneousLoRA, RoundSync
 from lightning_fedpeft.cost import CostModel
+from lightning_fedpeft.depth_ranks import DepthRankUpgrade
 from lightning_fedpeft.fedadapter import ProgressiveUpgrade
 from lightning_fedpeft.fedara import ModulePruning, RankAllocation
 from lightning_fedpeft.fleet import Fleet
@@ -53,9 +57,10 @@ METHODS = (
     "c_hetlora_exact",
     "d_fedara_fleet",
     "e_fedadapter_fleet",
+    "f_depth_ranks",
 )
 BASELINES = ("a_uniform_small", "b_uniform_large", "c_hetlora_zero_pad", "c_hetlora_exact")
-FLEET_AWARE = ("d_fedara_fleet", "e_fedadapter_fleet")
+FLEET_AWARE = ("d_fedara_fleet", "e_fedadapter_fleet", "f_depth_ranks")
 
 
 def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict:
@@ -92,6 +97,9 @@ def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict:
     elif method == "e_fedadapter_fleet":
         model = FedPEFTModule(method="adapter", depth=0, width=8, lr=args.adapter_lr, **layers)
         callbacks.append(ProgressiveUpgrade(start_depth=0, start_width=8, max_val_batches=args.trial_val_batches))
+    elif method == "f_depth_ranks":
+        model = FedPEFTModule(method="svd", lr=args.lr, **svd_like, **layers)
+        callbacks.append(DepthRankUpgrade(start_depth=1, target_rank=1.0, max_val_batches=args.trial_val_batches))
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     sync = RoundSync(
@@ -107,7 +115,17 @@ def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore")
         trainer.fit(model, datamodule=data)
     wall = time.perf_counter() - t0
-    keep = ("round", "val_acc", "sim_time_h", "sim_round_s", "pred_saved_s", "mean_client_triplets", "mean_train_depth")
+    keep = (
+        "round",
+        "val_acc",
+        "sim_time_h",
+        "sim_round_s",
+        "pred_saved_s",
+        "mean_client_triplets",
+        "mean_train_depth",
+        "depth",
+        "active_ranks",
+    )
     rows = [{k: row[k] for k in keep if k in row} for row in sync.history]
     accs = [r["val_acc"] for r in rows if "val_acc" in r]
     print(
@@ -189,12 +207,20 @@ def main() -> None:
     parser.add_argument("--adapter-lr", type=float, default=5e-3)
     parser.add_argument("--target-fraction", type=float, default=0.99)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer smoke run on Stack Overflow titles")
+    parser.add_argument("--from-results", type=Path, nargs="+", help="merge saved results.json files; train nothing")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        merged: dict = {}
+        for path in args.from_results:
+            for key, runs in json.loads(path.read_text()).items():
+                merged.setdefault(key, {}).update(runs)
+        report(merged, args)
+        return
     if args.tiny:
         args.corpus, args.layers, args.num_clients, args.clients_per_round = "stackoverflow", 2, 20, 6
         args.max_train_examples, args.val_examples, args.rounds, args.max_length = 200, 32, 6, 32
         args.max_sim_hours, args.alphas, args.eval_every, args.trial_val_batches = 10.0, [1.0], 1, 1
-    args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     for alpha in args.alphas:
         for seed in args.seeds:
@@ -202,6 +228,11 @@ def main() -> None:
             for method in args.methods:
                 runs[method] = run(method, alpha, seed, args)
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    report(results, args)
+
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
     text = table(results, args.target_fraction)
     (args.out / "table.md").write_text(text + "\n")
     plot(results, args.out)
