@@ -56,6 +56,12 @@ def _config(tmp_path: Path, cache_dir: str, name: str, callbacks: list[dict], **
     return path
 
 
+FLEET_COST = {
+    "class_path": "lightning_fedpeft.cost.CostModel",
+    "init_args": {"fleet": {"fractions": {"rpi4b": 0.5, "orin_nano": 0.25, "tx2": 0.25}}},
+}
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
@@ -160,9 +166,13 @@ def test_fedara_over_three_ranks_matches_the_one_process_simulator(tmp_path: Pat
 
 
 @pytest.mark.timeout(600)
-def test_fedadapter_over_three_ranks_matches_the_one_process_simulator(tmp_path: Path, cache_dir: str) -> None:
+@pytest.mark.parametrize("fleet", [False, True], ids=["one_device", "fleet"])
+def test_fedadapter_over_three_ranks_matches_the_one_process_simulator(
+    tmp_path: Path, cache_dir: str, fleet: bool
+) -> None:
     # Trial groups are planned on the server and trained on whichever ranks hold their clients; the
-    # decision, the grown adapters and the simulated clock must be the simulator's.
+    # decision, the grown adapters and the simulated clock must be the simulator's. On a fleet, the groups are
+    # drawn within device classes and every client's depth travels in its instructions.
     upgrade = {
         "class_path": "lightning_fedpeft.fedadapter.ProgressiveUpgrade",
         "init_args": {"start_depth": 0, "start_width": 8, "window_rounds": 1},
@@ -175,7 +185,9 @@ def test_fedadapter_over_three_ranks_matches_the_one_process_simulator(tmp_path:
             name,
             [upgrade, _save(tmp_path / f"{name}.pt")],
             clients_per_round=3,  # every rank trains at least one client per round
-            cost_model={"class_path": "lightning_fedpeft.cost.CostModel", "init_args": {"device": "tx2"}},
+            cost_model=FLEET_COST
+            if fleet
+            else {"class_path": "lightning_fedpeft.cost.CostModel", "init_args": {"device": "tx2"}},
         )
         raw = yaml.safe_load(config.read_text())
         raw["model"] |= {"depth": 0, "width": 8}
@@ -199,6 +211,74 @@ def test_fedadapter_over_three_ranks_matches_the_one_process_simulator(tmp_path:
         assert one["trial_depth"] == three["trial_depth"] and one["bytes_up"] == three["bytes_up"]
         # FLOPs come from fixed probes, not from whichever batch a rank met first (cost.py): same clock.
         assert float(one["sim_time_h"]) == pytest.approx(float(three["sim_time_h"]), rel=1e-9)
+        if fleet:
+            assert one["mean_train_depth"] == three["mean_train_depth"]
+
+
+def _one_and_three(tmp_path: Path, cache_dir: str, tag: str, callbacks: list[dict], model: dict, **federation):
+    """The same 4-round ``fedpeft fit`` of 12 clients, 3 per round, in one process and on 3 ranks; for each,
+    the saved global state and the rounds' rows."""
+    runs = {}
+    for name, nproc in ((f"one_{tag}", 1), (f"three_{tag}", 3)):
+        config = _config(
+            tmp_path, cache_dir, name, [*callbacks, _save(tmp_path / f"{name}.pt")], clients_per_round=3, **federation
+        )
+        raw = yaml.safe_load(config.read_text())
+        raw["model"] = {"num_hidden_layers": 2, "lr": 5e-3} | model
+        raw["data"]["num_clients"] = 12
+        raw["trainer"]["max_epochs"] = 4
+        config.write_text(yaml.safe_dump(raw))
+        _fit(config, nproc)
+        runs[nproc] = (torch.load(tmp_path / f"{name}.pt"), _rounds(tmp_path, name))
+    return runs[1], runs[3]
+
+
+def _same_state(single: dict, multi: dict) -> None:
+    assert single.keys() == multi.keys()
+    for name in single:
+        assert single[name].shape == multi[name].shape, name
+        assert torch.allclose(single[name], multi[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.timeout(600)
+def test_heterogeneous_lora_over_three_ranks_matches_the_one_process_simulator(tmp_path: Path, cache_dir: str) -> None:
+    # Each client's rank comes from its device (dealt on the server) and travels in its instructions; the
+    # per-coordinate average and every client's own clock must be the simulator's.
+    hetero = {
+        "class_path": "lightning_fedpeft.HeterogeneousLoRA",
+        "init_args": {"ranks": {"rpi4b": 2, "orin_nano": 4, "tx2": 4}},
+    }
+    model = {"method": "lora", "rank": 4, "lora_alpha": 8}
+    (single, one_rows), (multi, three_rows) = _one_and_three(
+        tmp_path, cache_dir, "hetlora", [hetero], model, cost_model=FLEET_COST
+    )
+    _same_state(single, multi)
+    for column in ("bytes_up", "sim_round_s"):
+        assert [r[column] for r in three_rows] == [r[column] for r in one_rows], column
+    # Not trivial: a rank-2 client left coordinates 2-3 to the others, and the lower-rank rows moved.
+    b = next(k for k in multi if k.endswith("lora_B.default.weight"))
+    assert float(multi[b][:, 2:].abs().max()) > 0 and float(multi[b][:, :2].abs().max()) > 0
+
+
+@pytest.mark.timeout(600)
+def test_depth_ranks_over_three_ranks_matches_the_one_process_simulator(tmp_path: Path, cache_dir: str) -> None:
+    # FedAdapter x FedARA: trial groups over depth, dormant modules woken, ranks masked by the winner's
+    # importance; across RPC the decisions, shapes and clock must be the simulator's. The activation cache is
+    # off: a process's cache serves every client it hosts (and the server's trial validation), so with it the
+    # clock charges fills per process, not per client, and one process and three ranks differ (docs/fleet.md).
+    upgrade = {
+        "class_path": "lightning_fedpeft.depth_ranks.DepthRankUpgrade",
+        "init_args": {"start_depth": 1, "window_s": 0.2, "max_val_batches": 2, "warmup_windows": 0, "decay_windows": 2},
+    }
+    model = {"method": "svd", "rank": 4, "activation_cache_mb": None}
+    tx2 = {"class_path": "lightning_fedpeft.cost.CostModel", "init_args": {"device": "tx2"}}
+    (single, one_rows), (multi, three_rows) = _one_and_three(
+        tmp_path, cache_dir, "depth_ranks", [upgrade], model, cost_model=tx2
+    )
+    _same_state(single, multi)
+    for column in ("trial_depth", "live_modules", "active_ranks", "bytes_up", "sim_round_s"):
+        assert [r[column] for r in three_rows] == [r[column] for r in one_rows], column
+    assert {r["trial_depth"] for r in three_rows} == {"1.0", "2.0"}, "a deeper trial ran"
 
 
 @pytest.mark.timeout(600)
