@@ -279,6 +279,8 @@ def test_depth_ranks_over_three_ranks_matches_the_one_process_simulator(tmp_path
     for column in ("trial_depth", "live_modules", "active_ranks", "bytes_up", "sim_round_s"):
         assert [r[column] for r in three_rows] == [r[column] for r in one_rows], column
     assert {r["trial_depth"] for r in three_rows} == {"1.0", "2.0"}, "a deeper trial ran"
+    last = three_rows[-1]
+    assert float(last["active_ranks"]) < 4 * float(last["live_modules"]), "a decision masked ranks"
 
 
 @pytest.mark.timeout(600)
