@@ -11,6 +11,7 @@ import torch
 from lightning_fedpeft import FedPEFTModule, RoundSync, SetupError
 from lightning_fedpeft.cost import CostModel
 from lightning_fedpeft.depth_ranks import DepthRankStrategy, DepthRankUpgrade, StateCost
+from lightning_fedpeft.fedadapter.strategy import DepthCosts
 from lightning_fedpeft.state import trainable_state
 from lightning_fedpeft.tuners.svd import state_ranks, triplet_keys
 
@@ -44,6 +45,27 @@ def test_only_scored_live_triplets_are_masked_down_to_the_windows_budget() -> No
     assert strategy.allocate(depth=2, windows_done=1) == 3  # 8 active, budget 3: the scored top module gives 3
     assert strategy.masks[top].tolist() == [True, False, False, False] and strategy.masks[mid].all()
     assert strategy.allocate(depth=2, windows_done=2) == 0  # nothing scored is left to mask
+
+
+def test_on_a_fleet_trial_groups_are_drawn_within_device_classes_and_costed_by_state() -> None:
+    devices = ["rpi4b"] * 6 + ["tx2"] * 6  # shares 1/2, 1/2: of 2 per group, one each
+    strategy = DepthRankStrategy(2, _initial(), 3, start_depth=1, window_s=1.0, seed=0, client_devices=devices)
+    strategy.validate(len(devices))
+    strategy.initialize(_initial())
+    asked = []
+    while queries := strategy.queries():
+        for query in queries:
+            # Costs are asked per state (answered with the slowest device's seconds), not per client depth.
+            assert not isinstance(query, DepthCosts), "no per-client depth in the composed algorithm"
+            asked.append(query)
+            strategy.answer(query, 0.5)  # seconds for a cost; the start accuracy for the evaluation
+    assert {q.config[0] for q in asked if isinstance(q, StateCost)} == {1, 2}
+    assert strategy.group_mix() == {"rpi4b": 1, "tx2": 1}
+    for trial in range(len(strategy.trials)):
+        strategy.phase = trial
+        plan = strategy.configure_round(trial, len(devices))
+        assert sorted(devices[c] for c in plan.client_ids) == ["rpi4b", "tx2"], "every group has the fleet's mix"
+        assert all("train_depth" not in told for told in plan.instructions.values())
 
 
 def _run(data, trainer_factory, epochs: int, ckpt: str | None = None, **kw):

@@ -104,6 +104,7 @@ class DepthRankUpgrade(FederatedAlgorithm):
             window_rounds=self.window_rounds,
             depth_step=self.depth_step,
             seed=run.seed,
+            client_devices=run.cost_model.client_devices or None,
         )
         # The run starts at start_depth: the modules below go dormant (a resumed run loads its own state next).
         for name, layer in layers.items():

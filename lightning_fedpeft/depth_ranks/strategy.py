@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lightning_fedpeft.fedadapter.strategy import GrowState, RoundCost, TrialGroupStrategy
+from lightning_fedpeft.fedadapter.strategy import DepthCosts, GrowState, RoundCost, TrialGroupStrategy
 from lightning_fedpeft.fedara.strategy import IMPORTANCE
 from lightning_fedpeft.protocol import ClientUpdate, RoundPlan, TrainableState
 from lightning_fedpeft.state import layer_of
@@ -57,6 +57,8 @@ class DepthRankStrategy(TrialGroupStrategy):
         warmup_windows / decay_windows: windows before the fall, and the fall's length in windows.
         importance_beta: the running score's smoothing (``beta * score + (1 - beta) * mean``).
         window_s / window_rounds / depth_step / seed: as :class:`TrialGroupStrategy`.
+        client_devices: on a fleet, every client's device profile: trial groups are drawn within device
+            classes as :class:`TrialGroupStrategy` draws them; every client trains the trial's whole depth.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class DepthRankStrategy(TrialGroupStrategy):
         window_rounds: float = 4.0,
         depth_step: int = 1,
         seed: int = 0,
+        client_devices: Sequence[str] | None = None,
     ) -> None:
         modules = module_names_in_state(initial)
         if not modules:
@@ -92,6 +95,10 @@ class DepthRankStrategy(TrialGroupStrategy):
             max_width=self.r_init,
             candidates=("shallow", "deeper"),
             seed=seed,
+            # On a fleet the groups are drawn within device classes, as FedAdapter's; every client of a trial
+            # trains its whole configuration (no per-client depth yet), so the slowest device sets its cost.
+            client_devices=client_devices,
+            per_client_depth=False,
         )
         if not 0 <= target_rank <= self.r_init:
             raise ValueError(f"depth_ranks.target_rank={target_rank} must be within 0..r_init={self.r_init}")
@@ -158,7 +165,8 @@ class DepthRankStrategy(TrialGroupStrategy):
         super()._open_window(state)
         # Costs are asked with the state each candidate trains (its depth, the window's mask).
         self._pending = [
-            StateCost(q.config, state=self.packed(q.config[0])) if type(q) is RoundCost else q for q in self._pending
+            StateCost(q.config, state=self.packed(q.config[0])) if type(q) in (RoundCost, DepthCosts) else q
+            for q in self._pending
         ]
 
     def _decide(self) -> TrainableState:
