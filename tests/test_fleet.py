@@ -428,23 +428,23 @@ def _fedara_fleet_run(data, trainer_factory, epochs: int, budgets: bool = True, 
 
 def test_fedara_on_a_fleet_sizes_each_client_and_resumes_bit_identically(stackoverflow, trainer_factory, tmp_path):
     data = stackoverflow(num_clients=8, max_train_examples=160, max_val_examples=16, max_test_examples=16)
-    model, sync, allocation, _ = _fedara_fleet_run(data, trainer_factory, epochs=5)
+    model, sync, allocation, _ = _fedara_fleet_run(data, trainer_factory, epochs=4)
     rows = sync.history
     assert all(r["min_client_triplets"] < r["active_ranks"] for r in rows), "the rpi4b clients train a prefix"
     assert all(r["pred_saved_s"] >= 0 and r["pred_round_s"] <= r["pred_uniform_round_s"] for r in rows)
     table = allocation.strategy.tables()["client_configs"]
-    assert len(table) == 5 * 4 and {row["device"] for row in table} == {"rpi4b", "tx2"}
+    assert len(table) == 4 * 4 and {row["device"] for row in table} == {"rpi4b", "tx2"}
     slow = [row["triplets"] for row in table if row["device"] == "rpi4b"]
     fast = [row["triplets"] for row in table if row["device"] == "tx2"]
     assert max(slow) < max(fast)
-    # The same run with every client on the global configuration: slower on the simulated clock.
-    _, uniform, _, _ = _fedara_fleet_run(data, trainer_factory, epochs=5, budgets=False)
-    assert rows[-1]["sim_time_h"] < uniform.history[-1]["sim_time_h"]
-    # Stopped after 3 rounds and resumed: the same model, bit for bit, and the same configurations.
-    _, _, _, trainer_a = _fedara_fleet_run(data, trainer_factory, epochs=3)
+    # The same run's first 2 rounds with every client on the global configuration: slower on the simulated clock.
+    _, uniform, _, _ = _fedara_fleet_run(data, trainer_factory, epochs=2, budgets=False)
+    assert rows[1]["sim_time_h"] < uniform.history[-1]["sim_time_h"]
+    # Stopped after 2 rounds and resumed: the same model, bit for bit, and the same configurations.
+    _, _, _, trainer_a = _fedara_fleet_run(data, trainer_factory, epochs=2)
     ckpt = tmp_path / "fleet.ckpt"
     trainer_a.save_checkpoint(ckpt)
-    model_b, sync_b, alloc_b, _ = _fedara_fleet_run(data, trainer_factory, epochs=5, ckpt=str(ckpt))
+    model_b, sync_b, alloc_b, _ = _fedara_fleet_run(data, trainer_factory, epochs=4, ckpt=str(ckpt))
     assert alloc_b.strategy.tables()["client_configs"] == table
     final, resumed = trainable_state(model), trainable_state(model_b)
     assert set(final) == set(resumed)
