@@ -256,12 +256,15 @@ def test_every_fedara_config_parses(tmp_path: Path) -> None:
 
 def test_every_fleet_config_parses(tmp_path: Path) -> None:
     configs = sorted((REPO / "configs" / "fleet").glob("*.yaml"))
-    assert [c.name for c in configs] == ["fedara_fleet.yaml", "hetero_lora.yaml"]
+    names = ["depth_ranks.yaml", "fedadapter_fleet.yaml", "fedara_fleet.yaml", "hetero_lora.yaml"]
+    assert [c.name for c in configs] == names
     for config in configs:
         resolved = _printed_config(config, tmp_path)
         fleet = resolved["federation"]["cost_model"]["init_args"]["fleet"]
         assert fleet["fractions"] == {"rpi4b": 0.5, "orin_nano": 0.3, "tx2": 0.2}, config.name
         assert resolved["federation"]["clients_per_round"] == 10 and resolved["data"]["num_clients"] == 100
+        callbacks = [cb["class_path"].rsplit(".", 1)[-1] for cb in resolved["trainer"]["callbacks"]]
+        assert callbacks[0] in {"DepthRankUpgrade", "ProgressiveUpgrade", "RankAllocation", "HeterogeneousLoRA"}
     (hetero,) = _printed_config(REPO / "configs" / "fleet" / "hetero_lora.yaml", tmp_path)["trainer"]["callbacks"]
     assert hetero["init_args"] == {"ranks": {"rpi4b": 2, "orin_nano": 8, "tx2": 8}, "rule": "per_coordinate"}
 
