@@ -123,7 +123,8 @@ def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict:
         "pred_saved_s",
         "mean_client_triplets",
         "mean_train_depth",
-        "depth",
+        "trial_depth",
+        "live_modules",
         "active_ranks",
     )
     rows = [{k: row[k] for k in keep if k in row} for row in sync.history]

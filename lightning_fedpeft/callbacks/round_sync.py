@@ -267,7 +267,7 @@ class RoundSync(Callback):
         ctx = self._round.start_client(batch_idx)
         if ctx is None:
             return
-        self._load_state(pl_module, ctx.global_state)
+        load_state(pl_module, ctx.global_state, self.algorithms)
         # Dropout etc. depend only on (seed, round, client), wherever the client is trained.
         torch.manual_seed(client_seed(self.seed, ctx.round, ctx.client_id))
         for algorithm in self.algorithms:
@@ -316,7 +316,7 @@ class RoundSync(Callback):
         last_epoch = trainer.max_epochs is not None and round_idx >= trainer.max_epochs - 1
         outcome = self.launcher.finish_round(round_idx, state_needed=self.launcher.is_server or last_epoch)
         if outcome.global_state:
-            self._load_state(pl_module, outcome.global_state)
+            load_state(pl_module, outcome.global_state, self.algorithms)
         if outcome.record is not None:
             if not outcome.record.received:
                 self._refusals[round_idx] = refusals(outcome.record)
@@ -339,9 +339,6 @@ class RoundSync(Callback):
             trainer.check_val_every_n_epoch = 1  # Lightning reads it after this batch, still in this epoch
         self._row = row
         self.round_log.log_to(pl_module, row)
-
-    def _load_state(self, pl_module: pl.LightningModule, state: TrainableState) -> None:
-        load_state(pl_module, state, self.algorithms)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         local = self._round
