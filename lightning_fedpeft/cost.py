@@ -333,14 +333,21 @@ def train_memory_bytes(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> i
     total += 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     saved: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    kept: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage.data_ptr() not in seen:
             saved[storage.data_ptr()] = storage.nbytes()
-        return t
+        # Held here until the forward ends (as the graph would hold it, so no address is reused and counted
+        # as one), not in the graph: a node saving its own output (tanh, softmax) would then hold
+        # node -> tensor -> grad_fn -> node, a cycle through autograd's C++ graph that Python's collector cannot
+        # free, and every count leaked a forward's activations. Nothing unpacks: the graph never runs backward.
+        kept.append(t)
 
-    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
         model(**batch)
+    kept.clear()
     return total + sum(saved.values())
 
 

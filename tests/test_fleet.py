@@ -100,6 +100,26 @@ def test_counted_memory_is_within_what_the_process_measures(stackoverflow, train
     assert train_memory_bytes(model.model, small) < counted
 
 
+def test_counting_memory_leaves_no_activation_alive() -> None:
+    # The count records saved storages with saved_tensors_hooks. A pack hook that returned the tensor left the
+    # forward's graph and activations alive after the call (held from autograd's C++ side, out of gc's reach),
+    # so every count leaked them: FedARA on a fleet counts every candidate prefix every round, and the 40-round
+    # fleet bench ran out of 24 GB.
+    import gc
+
+    model = FedPEFTModule(num_labels=20, num_hidden_layers=2, method="svd", rank=4).model
+    batch = {"input_ids": torch.randint(5, 100, (4, 16)), "labels": torch.zeros(4, dtype=torch.long)}
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    first = train_memory_bytes(model, batch)
+    before = live_tensors()
+    assert [train_memory_bytes(model, batch) for _ in range(3)] == [first] * 3
+    assert live_tensors() == before, "a counted forward's tensors outlived it"
+
+
 # -- per-coordinate aggregation, against references computed by hand ---------------------------------------------
 
 
