@@ -138,7 +138,14 @@ def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict:
 
 
 def hours_to(rows: list[dict], target: float) -> float | None:
-    return next((r["sim_time_h"] for r in rows if r.get("val_acc", -1.0) >= target), None)
+    """The earliest simulated hour at which a validated model reached ``target`` (``None``: never).
+
+    The earliest, not the first row's: a trial-group method's (e, f) rows carry each trial group's own clock,
+    which restarts at its window's start, because the groups of a window train side by side on different
+    participants. A later group's row can so be earlier in simulated time; at that hour the federation held
+    that group's model. For every other method the clock only grows and the two readings agree.
+    """
+    return min((r["sim_time_h"] for r in rows if r.get("val_acc", -1.0) >= target), default=None)
 
 
 def table(results: dict, fraction: float) -> str:
@@ -174,7 +181,10 @@ def plot(results: dict, out: Path) -> None:
     for ax, key in zip(axes[0], keys, strict=True):
         for method, res in results[key].items():
             points = [(r["sim_time_h"], r["val_acc"]) for r in res["rows"] if "val_acc" in r]
-            ax.plot(*zip(*points, strict=True), label=method, marker=".")
+            hours = [h for h, _ in points]
+            # Trial groups' clocks restart at each window (see hours_to): points only, no line through time.
+            line = "-" if hours == sorted(hours) else "none"
+            ax.plot(*zip(*points, strict=True), label=method, marker=".", linestyle=line)
         ax.set_title(f"alpha/seed {key}")
         ax.set_xlabel("simulated hours (fleet: 50% rpi4b, 30% orin_nano, 20% tx2)")
         ax.set_ylabel("validation accuracy")

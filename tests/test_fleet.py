@@ -579,3 +579,38 @@ def test_the_fleet_bench_runs_and_tabulates(tmp_path: Path) -> None:
     table = (tmp_path / "table.md").read_text()
     assert "| 1.0 | 0 | b_uniform_large |" in table and "| 1.0 | 0 | c_hetlora_exact |" in table
     assert (tmp_path / "fleet.png").stat().st_size > 10_000
+
+
+def test_the_fleet_bench_reads_a_trial_groups_clock_at_its_earliest_hour(tmp_path: Path) -> None:
+    # A trial-group method's clock restarts at each window (groups train side by side), so its rows are not
+    # monotonic in time; hours to the target is the earliest hour a validated model reached it, not the first row.
+    import json
+    import subprocess
+    import sys
+
+    def rows(points: list[tuple[float, float]]) -> dict:
+        accs = [a for _, a in points]
+        return {
+            "rows": [{"round": i, "sim_time_h": h, "val_acc": a} for i, (h, a) in enumerate(points)],
+            "best": max(accs),
+            "final": accs[-1],
+            "wall_s": 1.0,
+        }
+
+    saved = {
+        "1.0/0": {
+            "a_uniform_small": rows([(0.1, 0.5), (0.2, 0.8), (0.3, 0.8)]),
+            # window 1: group 1 reaches 0.8 at 0.25 h; group 2, from 0 h again, at 0.05 h; then decided.
+            "f_depth_ranks": rows([(0.1, 0.5), (0.25, 0.8), (0.02, 0.4), (0.05, 0.8), (0.35, 0.8)]),
+        }
+    }
+    (tmp_path / "saved.json").write_text(json.dumps(saved))
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "bench/fleet.py", "--out", str(tmp_path / "out"), "--target-fraction", "1.0"]
+    proc = subprocess.run(
+        [*cmd, "--from-results", str(tmp_path / "saved.json")], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| 1.0 | 0 | a_uniform_small | 0.8000 | 0.8000 | 0.8000 | 0.200 |  |" in table
+    assert "| 1.0 | 0 | f_depth_ranks | 0.8000 | 0.8000 | 0.8000 | 0.050 | 4.00x |" in table
