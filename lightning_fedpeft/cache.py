@@ -10,8 +10,15 @@ data pipeline and entries stay valid across rounds and clients. Each example's h
 unpadded and re-padded per batch. Memory is bounded (``max_mb``): the least recently used entries are
 dropped first, which, because a client's examples are used together, drops the least recently active
 clients. Entries for a boundary above the current one become useless when the trained depth grows;
-:meth:`ActivationCache.invalidate_above` drops them. Entries are stored in float16 by default (half the
-memory, so twice the examples under the same bound) and widened to the model's dtype when used.
+:meth:`ActivationCache.invalidate_above` drops them.
+
+The key holds only while the layers below the boundary never change. A fleet client that trains fewer
+layers than it holds (FedAdapter's per-client depth) freezes live layers that other clients train every
+round: it sets :attr:`ActivationCache.stable_boundary`, the lowest layer anyone trains, and the cache serves
+from there, running the layers between forward without gradients, rather than from rows gone stale.
+
+Entries are stored in float16 by default (half the memory, so twice the examples under the same bound) and
+widened to the model's dtype when used.
 
 The cached bottom runs with dropout off, which the uncached path does not: with the cache, the frozen
 layers are a deterministic feature extractor (as in FedAdapter), not a regulariser.
@@ -121,6 +128,8 @@ class ActivationCache:
         self.last: dict[str, int] = {}  # the last batch: boundary, rows, misses (read by the cost model)
         self._layers: int | None = None
         self._compute_dtype = torch.float32  # the bottom's output dtype, as the last fill saw it
+        # No boundary above this one (None: the model's frozen boundary); see the module docstring.
+        self.stable_boundary: int | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -139,6 +148,8 @@ class ActivationCache:
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Any:
         """Run ``model(**batch)``, taking the frozen bottom's output from the cache where possible."""
         boundary = frozen_boundary(model)
+        if self.stable_boundary is not None:
+            boundary = min(boundary, self.stable_boundary)
         input_ids = batch.get("input_ids")
         if boundary == 0 or input_ids is None:
             self.last = {"boundary": 0, "rows": 0, "misses": 0}

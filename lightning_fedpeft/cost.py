@@ -145,6 +145,7 @@ def count_train_flops(
     batch: Mapping[str, torch.Tensor],
     cached: bool = False,
     through_lowest_layer: bool = True,
+    boundary_cap: int | None = None,
 ) -> tuple[int, int]:
     """FLOPs of one training step of ``model`` on ``batch`` as its parameters' ``requires_grad`` stand.
 
@@ -156,11 +157,14 @@ def count_train_flops(
     ``through_lowest_layer`` (the cost model's rule, see below) counts backward down to the input of the
     lowest trainable layer; ``False`` counts only what autograd itself runs, which is what a wall clock
     on this machine sees (the activation-cache bench reports that FLOP ratio beside its timings).
+
+    ``boundary_cap`` (with ``cached``): the cache serves no boundary above it (:attr:`ActivationCache.stable_boundary`:
+    a fleet client that freezes live layers others train); the layers between run forward without gradients.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     base, _, _, layers = encoder_parts(model)
     lowest = frozen_boundary(model)
-    boundary = lowest if cached else 0
+    boundary = (lowest if boundary_cap is None else min(lowest, boundary_cap)) if cached else 0
     ids = batch["input_ids"]
     # Backward is counted through the whole trainable top, down to its input: the input of the lowest
     # trainable layer is made to require grad. (Autograd would otherwise skip the input gradients of the
@@ -248,15 +252,22 @@ class CostModel:
     def comm_seconds(self, nbytes: float) -> float:
         return nbytes / (self.bandwidth_mbps * MB)
 
-    def step_flops(self, model: nn.Module, batch: Mapping[str, torch.Tensor], cached: bool) -> tuple[float, float]:
-        """``(step_flops, bottom_flops_per_example)`` for this batch's shape (probed once per configuration)."""
+    def step_flops(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor], cached: bool, boundary_cap: int | None = None
+    ) -> tuple[float, float]:
+        """``(step_flops, bottom_flops_per_example)`` for this batch's shape (probed once per configuration);
+        ``boundary_cap`` as :func:`count_train_flops`."""
         ids = batch["input_ids"]
-        key = (_signature(model), cached)
+        cap = boundary_cap if cached else None
+        key = (_signature(model), cached, cap)
         if key not in self._counts:
-            counts = [count_train_flops(model, _probe_batch(batch, n), cached=cached) for n in PROBE_LENGTHS]
+            counts = [
+                count_train_flops(model, _probe_batch(batch, n), cached=cached, boundary_cap=cap) for n in PROBE_LENGTHS
+            ]
             # A second example at the first length separates what a step costs once (AdaLoRA's
             # orthogonality penalty, on the weights alone) from what it costs per example.
-            twice, _ = count_train_flops(model, _probe_batch(batch, PROBE_LENGTHS[0], size=2), cached=cached)
+            probe = _probe_batch(batch, PROBE_LENGTHS[0], size=2)
+            twice, _ = count_train_flops(model, probe, cached=cached, boundary_cap=cap)
             once = 2.0 * counts[0][0] - twice
             per_example = tuple(step - once for step, _ in counts)
             self._counts[key] = once, per_example, tuple(float(b) for _, b in counts)
@@ -271,7 +282,8 @@ class CostModel:
         client ``client_id``'s device."""
         last = getattr(cache, "last", None) or {}
         cached = last.get("boundary", 0) > 0
-        step, bottom = self.step_flops(model, batch, cached)
+        # The boundary the cache used: below a fleet client's own frozen layers when it capped it.
+        step, bottom = self.step_flops(model, batch, cached, last.get("boundary") if cached else None)
         device = self.device_of(client_id)
         seconds = device.batch_seconds(step)
         if cached and last.get("misses", 0):
@@ -286,10 +298,12 @@ class CostModel:
         nbytes: float,
         device: DeviceProfile,
         cached: bool = False,
+        boundary_cap: int | None = None,
     ) -> float:
         """Predicted seconds of a client round on ``device``: ``local_batches`` steps of ``model`` as it
-        stands on batches shaped like ``batch``, plus ``nbytes`` down and ``nbytes`` up."""
-        step, _ = self.step_flops(model, batch, cached)
+        stands on batches shaped like ``batch``, plus ``nbytes`` down and ``nbytes`` up (``boundary_cap`` as
+        :func:`count_train_flops`)."""
+        step, _ = self.step_flops(model, batch, cached, boundary_cap)
         return device.batch_seconds(step) * local_batches + 2 * self.comm_seconds(nbytes)
 
 
@@ -378,9 +392,12 @@ def _through(counts: Sequence[float], length: int) -> float:
 
 
 def _signature(model: nn.Module) -> str:
-    """What decides a step's FLOPs: which parameters train, and their shapes."""
+    """What decides a step's FLOPs: every parameter's shape, and which train.
+
+    Frozen ones count too: a frozen module's shape is in the forward (an SVD module of a fleet client's
+    frozen layers, or one a mask cut down), so two models that train the same parameters can cost apart.
+    """
     h = hashlib.sha1()
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            h.update(f"{name}:{tuple(p.shape)};".encode())
+        h.update(f"{name}:{tuple(p.shape)}:{int(p.requires_grad)};".encode())
     return h.hexdigest()

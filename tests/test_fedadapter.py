@@ -121,6 +121,32 @@ def test_cache_is_bounded_and_dropped_when_depth_grows() -> None:
     assert cache.last["boundary"] == 0 and len(cache) == 0
 
 
+def test_a_client_that_freezes_live_adapters_gets_no_stale_rows_from_the_cache() -> None:
+    # A fleet client of depth 2 that trains only the top adapter freezes layer 0's, which the others train: a
+    # row cached above it would go stale once that adapter moves. With stable_boundary the cache serves from
+    # layer 0, and the frozen adapter runs forward as it now is.
+    module = _trained_adapter_module(depth=2, width=8, cache_mb=16, cache_dtype="float32")
+    cache, batch = module.activation_cache, _batch()
+    bottom = list(module.adapter_injection.adapters.values())[0]
+    for p in bottom.parameters():
+        p.requires_grad_(False)  # this client trains only the top adapter
+    cache(module.model, batch)  # fills rows at boundary 1 (layer 0 as it was)
+    with torch.no_grad():
+        for p in bottom.parameters():
+            p.add_(0.5)  # another client's round moved it
+    expected = module.model(**batch).loss
+    stale = cache(module.model, batch).loss
+    assert cache.last["boundary"] == 1 and not torch.allclose(stale, expected, atol=1e-4), "the hazard is real"
+    cache.stable_boundary = 0
+    torch.testing.assert_close(cache(module.model, batch).loss, expected)
+    assert cache.last["boundary"] == 0
+    # The cost model counts that step from the same boundary: the frozen adapter's layer forward, backward above.
+    cost = CostModel()
+    capped, _ = cost.step_flops(module.model, batch, cached=True, boundary_cap=0)
+    above, _ = cost.step_flops(module.model, batch, cached=True)
+    assert capped > above
+
+
 class _Scripted:
     """Answers the strategy's queries with scripted accuracies and costs, where the model would."""
 

@@ -181,12 +181,17 @@ class ProgressiveUpgrade(FederatedAlgorithm):
         train_depth = ctx.instructions.get("train_depth")
         if train_depth is not None and int(train_depth) < depth:  # a fleet client trains only its top adapters
             self._frozen = _freeze_below(pl_module, int(train_depth))
+            if cache is not None:  # the adapters it froze change every round: no cached rows above them
+                cache.stable_boundary = len(pl_module.adapter_injection.layers) - depth
 
     def on_client_end(self, ctx: ClientContext, pl_module: pl.LightningModule) -> ClientResult:
         # The adapters below the train depth were frozen for the local steps only: they travel (unchanged).
         for param in self._frozen:
             param.requires_grad_(True)
         self._frozen = []
+        cache = getattr(pl_module, "activation_cache", None)
+        if cache is not None:
+            cache.stable_boundary = None
         told = ctx.instructions.get("train_depth")
         return ClientResult(metrics={"train_depth": float(told)}) if told is not None else ClientResult()
 
@@ -226,12 +231,16 @@ class ProgressiveUpgrade(FederatedAlgorithm):
             batch = {k: v.to(module.device) for k, v in run.sample_batch().items()}
             cached = getattr(module, "activation_cache", None) is not None
             total = state_nbytes(trainable_state(module))
+            # A client below the configuration's depth runs the adapters it froze forward: the cache serves
+            # only from the configuration's boundary (ActivationCache.stable_boundary).
+            cap = len(module.adapter_injection.layers) - config[0]
+            local = run.mean_local_batches()
             for depth in range(config[0], 0, -1) if config[0] > 0 else [0]:
                 with _train_depth(module, depth) as frozen:
                     # What travels: the state less the frozen adapters (a server sends and takes only the top).
                     nbytes = total - sum(p.numel() * p.element_size() for p in frozen)
                     seconds = {
-                        p.name: cost.round_seconds(module.model, batch, run.mean_local_batches(), nbytes, p, cached)
+                        p.name: cost.round_seconds(module.model, batch, local, nbytes, p, cached, boundary_cap=cap)
                         for p in cost.fleet_profiles()
                     }
                     memory = train_memory_bytes(module.model, batch)
