@@ -13,8 +13,8 @@ seed), every client timed on its own device by the cost model (a round lasts as 
 * ``e_fedadapter_fleet``: FedAdapter (from depth 0, width 8) with trial groups drawn within device classes
   and every client's depth sized to its device;
 * ``f_depth_ranks``: FedAdapter x FedARA (``DepthRankUpgrade``): SVD adapters (rank 8) grown in depth from the
-  top layer by trial groups, their ranks allocated down to 1 per module by the winner's importance. Unlike d and
-  e it gives every client of a trial the same configuration (no per-client budgets yet, see docs/fleet.md).
+  top layer by trial groups, their ranks allocated down to 1 per module by the winner's importance; every
+  client trains the top layers of the trial's depth that its device and the round's budget allow.
 
 Every run stops at ``--max-sim-hours`` on the simulated clock (or ``--rounds``). Reported per alpha: the best
 and final validation accuracy, the simulated hours to the common target (``--target-fraction`` x the lowest

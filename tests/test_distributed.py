@@ -261,19 +261,22 @@ def test_depth_ranks_over_three_ranks_matches_the_one_process_simulator(tmp_path
     # importance; across RPC the decisions, shapes and clock must be the simulator's. The activation cache is
     # off: a process's cache serves every client it hosts (and the server's trial validation), so with it the
     # clock charges fills per process, not per client, and one process and three ranks differ (docs/fleet.md).
+    # On a fleet: the groups are drawn within device classes and every client's train depth travels in its
+    # instructions, each module averaged over the clients that trained it.
     upgrade = {
         "class_path": "lightning_fedpeft.depth_ranks.DepthRankUpgrade",
         "init_args": {"start_depth": 1, "window_s": 0.2, "max_val_batches": 2, "warmup_windows": 0, "decay_windows": 2},
     }
     model = {"method": "svd", "rank": 4, "activation_cache_mb": None}
-    tx2 = {"class_path": "lightning_fedpeft.cost.CostModel", "init_args": {"device": "tx2"}}
     (single, one_rows), (multi, three_rows) = _one_and_three(
-        tmp_path, cache_dir, "depth_ranks", [upgrade], model, cost_model=tx2
+        tmp_path, cache_dir, "depth_ranks", [upgrade], model, cost_model=FLEET_COST
     )
     _same_state(single, multi)
-    for column in ("trial_depth", "live_modules", "active_ranks", "bytes_up", "sim_round_s"):
+    columns = ("trial_depth", "min_train_depth", "mean_train_depth", "live_modules", "active_ranks", "bytes_up")
+    for column in (*columns, "sim_round_s"):
         assert [r[column] for r in three_rows] == [r[column] for r in one_rows], column
     assert {r["trial_depth"] for r in three_rows} == {"1.0", "2.0"}, "a deeper trial ran"
+    assert any(float(r["min_train_depth"]) < float(r["trial_depth"]) for r in three_rows), "a Pi trained less"
     last = three_rows[-1]
     assert float(last["active_ranks"]) < 4 * float(last["live_modules"]), "a decision masked ranks"
 

@@ -3,7 +3,8 @@
 It builds the server half (:class:`~.strategy.DepthRankStrategy`), starts the model at ``start_depth`` live
 layers (the SVD modules below go to rank 0), answers the server's questions on its process (a state's
 validation accuracy, a state's round cost) and, on every client, freezes the modules with no triplet (so
-backward stops above the lowest live layer) and scores the live triplets as FedARA's clients do.
+backward stops above the lowest live layer) and scores the live triplets as FedARA's clients do. A fleet's
+client also freezes the live modules below its top ``train_depth`` layers, if the server told it one.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun, load_state
-from lightning_fedpeft.depth_ranks.strategy import DepthRankStrategy, StateCost
+from lightning_fedpeft.cost import check_memory, train_memory_bytes
+from lightning_fedpeft.depth_ranks.strategy import DepthRankStrategy, StateCost, StateDepthCosts
 from lightning_fedpeft.fedadapter.client import validation_accuracy
 from lightning_fedpeft.fedadapter.strategy import EvaluateState
 from lightning_fedpeft.fedara.client import SensitivityAverages, triplet_importance
-from lightning_fedpeft.state import state_nbytes, trainable_state
+from lightning_fedpeft.state import layer_of, state_nbytes, trainable_state
 from lightning_fedpeft.strategy import Query
-from lightning_fedpeft.tuners.svd import TripletCut, adopt_state_ranks, layer_rank, set_rank, svd_layers
+from lightning_fedpeft.tuners.svd import ADAPTER, TripletCut, adopt_state_ranks, layer_rank, set_rank, svd_layers
 
 
 class DepthRankUpgrade(FederatedAlgorithm):
@@ -39,6 +41,10 @@ class DepthRankUpgrade(FederatedAlgorithm):
         window_s / window_rounds: the trial budget ``T0`` (as :class:`~lightning_fedpeft.ProgressiveUpgrade`).
         max_val_batches: validation batches that score a trial (``None``: the whole split).
         beta1 / beta2: AdaLoRA's smoothing of sensitivity and uncertainty over local steps.
+        fleet_budgets: on a fleet (``federation.cost_model.fleet``), every client trains the live modules of the
+            top layers that fit its device and the round's time budget (``fleet.round_budget_s``), and each
+            module is averaged over the clients that trained it. ``False``: every client trains the trial's
+            whole depth, and the slowest device sets a round's pace.
     """
 
     def __init__(
@@ -54,6 +60,7 @@ class DepthRankUpgrade(FederatedAlgorithm):
         max_val_batches: int | None = None,
         beta1: float = 0.85,
         beta2: float = 0.85,
+        fleet_budgets: bool = True,
     ) -> None:
         super().__init__()
         if start_depth < 1 or depth_step < 1:
@@ -66,10 +73,13 @@ class DepthRankUpgrade(FederatedAlgorithm):
         self.importance_beta = importance_beta
         self.window_s, self.window_rounds = window_s, window_rounds
         self.max_val_batches = max_val_batches
+        self.fleet_budgets = fleet_budgets
         self._averages = SensitivityAverages(beta1, beta2)
         self.strategy: DepthRankStrategy | None = None
         self._run: FederatedRun | None = None
         self._cut: TripletCut | None = None
+        self._frozen: list[torch.nn.Parameter] = []  # a fleet client's live modules below its train depth
+        self._num_layers = 0
 
     @property
     def decisions(self) -> list[Any]:
@@ -90,6 +100,9 @@ class DepthRankUpgrade(FederatedAlgorithm):
         if not 1 <= self.start_depth <= num_layers:
             raise ValueError(f"depth_ranks.start_depth={self.start_depth} must be within 1..{num_layers} layers")
         self._run = run
+        self._num_layers = num_layers
+        cost = run.cost_model
+        on_fleet = bool(cost.client_devices)
         initial = {k: v.cpu() for k, v in trainable_state(pl_module).items()}
         self.strategy = DepthRankStrategy(
             run.clients_per_round,
@@ -104,12 +117,26 @@ class DepthRankUpgrade(FederatedAlgorithm):
             window_rounds=self.window_rounds,
             depth_step=self.depth_step,
             seed=run.seed,
-            client_devices=run.cost_model.client_devices or None,
+            client_devices=cost.client_devices if on_fleet else None,
+            device_memory_gb={p.name: p.memory_gb for p in cost.fleet_profiles()} if on_fleet else None,
+            round_budget_s=cost.fleet.round_budget_s if on_fleet and cost.fleet is not None else None,
+            per_client_depth=self.fleet_budgets,
         )
         # The run starts at start_depth: the modules below go dormant (a resumed run loads its own state next).
         for name, layer in layers.items():
             if not self.strategy.live(name, self.start_depth):
                 set_rank(layer, 0)
+        # The least a client may be handed (the top layer's modules, or the start depth's without per-client
+        # depths) must fit every device of the run: refused here, before any training.
+        smallest = 1 if on_fleet and self.fleet_budgets else self.start_depth
+        batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
+        cut = _freeze_empty(pl_module)
+        frozen = self._freeze_below(pl_module, smallest)
+        try:
+            check_memory(cost, model, batch, f"SVD adapters trained in the top {smallest} layer(s)")
+        finally:
+            _unfreeze(frozen)
+            cut.restore()
         return self.strategy
 
     def adopt_state(self, pl_module: pl.LightningModule, state: dict[str, torch.Tensor]) -> None:
@@ -121,6 +148,8 @@ class DepthRankUpgrade(FederatedAlgorithm):
             return validation_accuracy(query.state, trainer, pl_module, self.max_val_batches)
         if isinstance(query, StateCost):
             return self._round_cost(query.state, pl_module)
+        if isinstance(query, StateDepthCosts):
+            return self._depth_costs(query.state, query.config[0], pl_module)
         return super().answer_query(query, trainer, pl_module)
 
     def _round_cost(self, state: dict[str, torch.Tensor], pl_module: Any) -> float:
@@ -140,10 +169,65 @@ class DepthRankUpgrade(FederatedAlgorithm):
         finally:
             cut.restore()
 
+    def _depth_costs(self, state: dict[str, torch.Tensor], depth: int, pl_module: Any) -> list[dict[str, Any]]:
+        """On a fleet: per train depth of ``state`` (``depth`` down to 1), the predicted round seconds on every
+        device profile and the counted memory (as :class:`~lightning_fedpeft.fedadapter.strategy.DepthCosts`)."""
+        run = self._run
+        assert run is not None and run.cost_model is not None
+        cost = run.cost_model
+        load_state(pl_module, state, [self])
+        cut = _freeze_empty(pl_module)
+        out = []
+        try:
+            batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
+            cached = getattr(pl_module, "activation_cache", None) is not None
+            model = getattr(pl_module, "model", pl_module)
+            total = state_nbytes(state)
+            cap = self._num_layers - depth  # the cache serves no row above a live layer (on_client_start)
+            for train_depth in range(depth, 0, -1):
+                frozen = self._freeze_below(pl_module, train_depth)
+                try:
+                    # What travels: the state less the frozen modules (a server sends and takes only the top).
+                    nbytes = total - sum(p.numel() * p.element_size() for p in frozen)
+                    seconds = {
+                        p.name: cost.round_seconds(
+                            model, batch, run.mean_local_batches(), nbytes, p, cached, boundary_cap=cap
+                        )
+                        for p in cost.fleet_profiles()
+                    }
+                    memory = train_memory_bytes(model, batch)
+                finally:
+                    _unfreeze(frozen)
+                out.append({"depth": train_depth, "seconds": seconds, "memory_bytes": memory})
+        finally:
+            cut.restore()
+        return out
+
+    def _freeze_below(self, pl_module: Any, depth: int) -> list[torch.nn.Parameter]:
+        """Freeze the trainable SVD factors outside the top ``depth`` layers; return the parameters frozen."""
+        lowest = self._num_layers - depth
+        frozen = []
+        for name, layer in svd_layers(pl_module).items():
+            index = layer_of(name + ".")
+            if index is None or index >= lowest:
+                continue
+            for factor in (layer.lora_E, layer.lora_A, layer.lora_B):
+                param = factor[ADAPTER]
+                if param.requires_grad:
+                    param.requires_grad_(False)
+                    frozen.append(param)
+        return frozen
+
     # -- the client half ---------------------------------------------------------------------------------------
     def on_client_start(self, ctx: ClientContext, pl_module: pl.LightningModule) -> None:
         self._averages.reset_ipt()
         self._cut = _freeze_empty(pl_module)
+        train_depth = ctx.instructions.get("train_depth")
+        if train_depth is not None:  # a fleet client trains only its top layers' modules
+            self._frozen = self._freeze_below(pl_module, int(train_depth))
+            cache = getattr(pl_module, "activation_cache", None)
+            if cache is not None:  # the live modules it froze change every round: no cached rows above them
+                cache.stable_boundary = self._num_layers - int(ctx.instructions["adapter_depth"])
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -152,10 +236,22 @@ class DepthRankUpgrade(FederatedAlgorithm):
 
     def on_client_end(self, ctx: ClientContext, pl_module: pl.LightningModule) -> ClientResult:
         tensors = triplet_importance(pl_module, self._averages)
+        _unfreeze(self._frozen)  # frozen for the local steps only: they travel back unchanged
+        self._frozen = []
+        cache = getattr(pl_module, "activation_cache", None)
+        if cache is not None:
+            cache.stable_boundary = None
         if self._cut is not None:
             self._cut.restore()
             self._cut = None
-        return ClientResult(tensors=tensors)
+        told = ctx.instructions.get("train_depth")
+        metrics = {"train_depth": float(told)} if told is not None else {}
+        return ClientResult(tensors=tensors, metrics=metrics)
+
+
+def _unfreeze(params: list[torch.nn.Parameter]) -> None:
+    for param in params:
+        param.requires_grad_(True)
 
 
 def _freeze_empty(pl_module: Any) -> TripletCut:

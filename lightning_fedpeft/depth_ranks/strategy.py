@@ -19,8 +19,13 @@ layer, but only the modules of the top ``d`` layers are *live*: they train and t
   Masked triplets never come back.
 
 The server keeps every module's ``r_init`` triplets (``full``), as FedARA does, and packs what travels:
-live modules with their active triplets. All trials of a window share the window's mask. Plain torch: the
-client half is :class:`~lightning_fedpeft.depth_ranks.DepthRankUpgrade`.
+live modules with their active triplets. All trials of a window share the window's mask.
+
+On a fleet the trial groups are drawn within device classes, as FedAdapter's, and (``per_client_depth``)
+every client trains the modules of the top ``d_c`` of the trial's ``d`` live layers that fit its memory and
+the round's time budget (:mod:`lightning_fedpeft.budgets`); the live modules below stay as received. Each
+module is averaged over the clients that trained it, its importance too, so the ranks are allocated on
+what was trained. Plain torch: the client half is :class:`~lightning_fedpeft.depth_ranks.DepthRankUpgrade`.
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ class StateCost(RoundCost):
     state: TrainableState = field(default_factory=dict, repr=False)
 
 
+@dataclass(frozen=True, eq=False)  # one query is one question: identity, not value
+class StateDepthCosts(DepthCosts):
+    """On a fleet: :class:`DepthCosts` of training ``state`` (of depth ``config[0]``), per train depth."""
+
+    state: TrainableState = field(default_factory=dict, repr=False)
+
+
 class DepthRankStrategy(TrialGroupStrategy):
     """The server half of FedAdapter x FedARA (see the module docstring).
 
@@ -58,7 +70,11 @@ class DepthRankStrategy(TrialGroupStrategy):
         importance_beta: the running score's smoothing (``beta * score + (1 - beta) * mean``).
         window_s / window_rounds / depth_step / seed: as :class:`TrialGroupStrategy`.
         client_devices: on a fleet, every client's device profile: trial groups are drawn within device
-            classes as :class:`TrialGroupStrategy` draws them; every client trains the trial's whole depth.
+            classes as :class:`TrialGroupStrategy` draws them.
+        device_memory_gb / round_budget_s: on a fleet, the profiles' memory and a round's time budget
+            (``None``: the median participant's time at the trial's depth), as :class:`TrialGroupStrategy`.
+        per_client_depth: on a fleet, size each client's train depth (``False``: every client trains the
+            trial's whole depth, and a round lasts as long as its slowest device).
     """
 
     def __init__(
@@ -76,6 +92,9 @@ class DepthRankStrategy(TrialGroupStrategy):
         depth_step: int = 1,
         seed: int = 0,
         client_devices: Sequence[str] | None = None,
+        device_memory_gb: dict[str, float | None] | None = None,
+        round_budget_s: float | None = None,
+        per_client_depth: bool = True,
     ) -> None:
         modules = module_names_in_state(initial)
         if not modules:
@@ -95,10 +114,10 @@ class DepthRankStrategy(TrialGroupStrategy):
             max_width=self.r_init,
             candidates=("shallow", "deeper"),
             seed=seed,
-            # On a fleet the groups are drawn within device classes, as FedAdapter's; every client of a trial
-            # trains its whole configuration (no per-client depth yet), so the slowest device sets its cost.
             client_devices=client_devices,
-            per_client_depth=False,
+            device_memory_gb=device_memory_gb,
+            round_budget_s=round_budget_s,
+            per_client_depth=per_client_depth,
         )
         if not 0 <= target_rank <= self.r_init:
             raise ValueError(f"depth_ranks.target_rank={target_rank} must be within 0..r_init={self.r_init}")
@@ -116,7 +135,7 @@ class DepthRankStrategy(TrialGroupStrategy):
         self.scores = {m: torch.zeros(self.r_init, dtype=torch.float64) for m in modules}
         self.scored = {m: torch.zeros(self.r_init, dtype=torch.bool) for m in modules}
         self._importance: dict[int, dict[str, torch.Tensor]] = {}  # trial phase -> module -> summed means
-        self._importance_rounds: dict[int, int] = {}
+        self._importance_rounds: dict[int, dict[str, int]] = {}  # trial phase -> module -> rounds summed
         self._masked_now = 0
 
     # -- which triplets travel at a depth ------------------------------------------------------------------
@@ -163,11 +182,16 @@ class DepthRankStrategy(TrialGroupStrategy):
             state = self.packed(depth)
         self._importance, self._importance_rounds = {}, {}
         super()._open_window(state)
-        # Costs are asked with the state each candidate trains (its depth, the window's mask).
-        self._pending = [
-            StateCost(q.config, state=self.packed(q.config[0])) if type(q) in (RoundCost, DepthCosts) else q
-            for q in self._pending
-        ]
+        # Costs are asked with the state each candidate trains (its depth, the window's mask); on a fleet with
+        # per-client depths, per train depth.
+        self._pending = [self._with_state(q) for q in self._pending]
+
+    def _with_state(self, query: Any) -> Any:
+        if type(query) is DepthCosts and self.per_client_depth:
+            return StateDepthCosts(query.config, state=self.packed(query.config[0]))
+        if type(query) in (RoundCost, DepthCosts):
+            return StateCost(query.config, state=self.packed(query.config[0]))
+        return query
 
     def _decide(self) -> TrainableState:
         super()._decide()
@@ -190,6 +214,21 @@ class DepthRankStrategy(TrialGroupStrategy):
             told["importance"] = True
         return plan
 
+    def _held(self, client_id: int, state: TrainableState) -> dict[str, torch.Tensor]:
+        """The live modules a fleet client did not train (below its top ``train_depth`` layers) as all-False
+        masks: the client sends them back as it got them, and they are averaged over the others."""
+        depth = self._train_depth.get(client_id)
+        if depth is None:
+            return {}
+        trial_depth = self.trials[self.phase].depth
+        below = [m for m in self.masks if self.live(m, trial_depth) and not self.live(m, depth)]
+        return {k: torch.zeros((), dtype=torch.bool) for m in below for k in triplet_keys(m) if k in state}
+
+    def trains(self, client_id: int, module: str) -> bool:
+        """Whether ``client_id`` trained ``module`` this round (a fleet client only its top layers' modules)."""
+        depth = self._train_depth.get(client_id)
+        return depth is None or self.live(module, depth)
+
     def check_update(self, update: ClientUpdate) -> str | None:
         depth = self.trials[self.phase].depth if self.trials else self.config[0]
         for m, mask in self.effective_masks(depth).items():
@@ -206,28 +245,30 @@ class DepthRankStrategy(TrialGroupStrategy):
     ) -> TrainableState:
         phase = self.phase
         out = super().aggregate(round_idx, global_state, updates)
-        if updates:  # this round's sample-weighted mean importance, summed per trial
-            total = sum(u.num_examples for u in updates)
-            sums = self._importance.setdefault(phase, {})
-            for m in self.masks:
-                key = m + IMPORTANCE
-                if not all(key in u.tensors for u in updates) or not updates[0].tensors[key].numel():
-                    continue  # a dormant (or emptied) module: nothing to score
-                mean = sum(u.tensors[key].to(torch.float64) * (u.num_examples / total) for u in updates)
-                sums[m] = sums.get(m, torch.zeros_like(mean)) + mean
-            self._importance_rounds[phase] = self._importance_rounds.get(phase, 0) + 1
+        # This round's sample-weighted mean importance per module, over the clients that trained it, summed per trial.
+        sums = self._importance.setdefault(phase, {})
+        counts = self._importance_rounds.setdefault(phase, {})
+        for m in self.masks:
+            key = m + IMPORTANCE
+            if not updates or not all(key in u.tensors for u in updates) or not updates[0].tensors[key].numel():
+                continue  # a dormant (or emptied) module: nothing to score
+            trained = [u for u in updates if self.trains(u.client_id, m)]
+            if not trained:
+                continue  # every client of the round trained only layers above it
+            total = sum(u.num_examples for u in trained)
+            mean = sum(u.tensors[key].to(torch.float64) * (u.num_examples / total) for u in trained)
+            sums[m] = sums.get(m, torch.zeros_like(mean)) + mean
+            counts[m] = counts.get(m, 0) + 1
         return out
 
     def _take_scores(self, phase: int, depth: int) -> None:
-        rounds = self._importance_rounds.get(phase, 0)
-        if not rounds:
-            return
         beta = self.importance_beta
+        counts = self._importance_rounds.get(phase, {})
         for m, summed in self._importance.get(phase, {}).items():
             idx = self.effective_masks(depth)[m].nonzero().flatten()
             if len(idx) != len(summed):
                 continue  # the winner trained another shape (cannot happen within one window's mask)
-            mean = summed / rounds
+            mean = summed / counts[m]
             first = ~self.scored[m][idx]
             self.scores[m][idx] = torch.where(first, mean, beta * self.scores[m][idx] + (1 - beta) * mean)
             self.scored[m][idx] = True
@@ -259,7 +300,7 @@ class DepthRankStrategy(TrialGroupStrategy):
             "scores": {k: v.clone() for k, v in self.scores.items()},
             "scored": {k: v.clone() for k, v in self.scored.items()},
             "importance": {p: {m: v.clone() for m, v in d.items()} for p, d in self._importance.items()},
-            "importance_rounds": dict(self._importance_rounds),
+            "importance_rounds": {p: dict(d) for p, d in self._importance_rounds.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -269,4 +310,8 @@ class DepthRankStrategy(TrialGroupStrategy):
         self.scores = {k: v.clone() for k, v in state["scores"].items()}
         self.scored = {k: v.clone() for k, v in state["scored"].items()}
         self._importance = {int(p): dict(d) for p, d in state["importance"].items()}
-        self._importance_rounds = {int(p): int(n) for p, n in state["importance_rounds"].items()}
+        # A checkpoint from before per-client depths counted rounds per trial: every scored module had them all.
+        self._importance_rounds = {
+            int(p): {m: int(n) for m in self._importance.get(int(p), {})} if isinstance(n, int) else dict(n)
+            for p, n in state["importance_rounds"].items()
+        }
