@@ -161,7 +161,14 @@ class FedAvg(Strategy):
 
     def validate(self, num_clients: int) -> None:
         super().validate(num_clients)
+        if self.combines_parts() and not _takes_held(self.aggregator):
+            raise ValueError(_NO_HELD.format(name=type(self.aggregator).__name__))
         self.aggregator.bind(self.clients_per_round, num_clients, self.seed)
+
+    def combines_parts(self) -> bool:
+        """Whether this strategy may combine clients that trained parts of the state (``held`` masks): its
+        aggregator must then take them, which :meth:`validate` checks before any round."""
+        return False
 
     def aggregate(
         self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
@@ -177,12 +184,8 @@ class FedAvg(Strategy):
             return {k: v.clone() for k, v in global_state.items()}
         if held is None:  # an aggregator of the user's own, written before held masks, still fits here
             combined = self.aggregator.combine(round_idx, global_state, updates)
-        elif "held" not in inspect.signature(self.aggregator.combine).parameters:
-            raise ValueError(
-                f"federation.aggregator={type(self.aggregator).__name__} cannot combine clients that trained parts of "
-                f"the state (a fleet's per-client configurations): give its combine() a held=None parameter "
-                f"(lightning_fedpeft.aggregation.Aggregator)"
-            )
+        elif not _takes_held(self.aggregator):
+            raise ValueError(_NO_HELD.format(name=type(self.aggregator).__name__))
         else:
             combined = self.aggregator.combine(round_idx, global_state, updates, held)
         if self.server_optimizer is not None:
@@ -206,3 +209,14 @@ class FedAvg(Strategy):
         self.aggregator.load_state_dict(state.get("aggregator", {}))
         if self.server_optimizer is not None and "server_optimizer" in state:
             self.server_optimizer.load_state_dict(state["server_optimizer"])
+
+
+_NO_HELD = (
+    "federation.aggregator={name} cannot combine clients that trained parts of the state (a fleet's per-client "
+    "configurations): give its combine() a held=None parameter (lightning_fedpeft.aggregation.Aggregator)"
+)
+
+
+def _takes_held(aggregator: Aggregator) -> bool:
+    # An aggregator of the user's own, written before held masks, has no such parameter.
+    return "held" in inspect.signature(aggregator.combine).parameters

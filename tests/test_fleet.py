@@ -221,6 +221,41 @@ def test_an_update_that_changed_ranks_beyond_its_own_is_rejected() -> None:
     assert rank_masks(glob, 2)["m.q.lora_B.default.weight"].tolist() == [[True, True, False]]
 
 
+def test_an_aggregator_without_held_masks_is_refused_at_setup_where_clients_train_parts() -> None:
+    """A user's aggregator written before held masks: refused by validate (before any round) where the strategy
+    combines clients that trained parts of the state, accepted where it never does."""
+
+    class OldMean(WeightedMean):
+        def combine(self, round_idx, global_state, updates):  # noqa: ANN001, ANN201
+            return super().combine(round_idx, global_state, updates)
+
+    schedule = BudgetSchedule(init_budget=6, target_budget=6, total_rounds=10)
+    devices = ["rpi4b", "tx2"] * 4
+    parts = {
+        "nested prefixes": RankAllocationStrategy(2, schedule, client_devices=devices),
+        "per-coordinate ranks": HeteroLoRAStrategy(2, [2, 8] * 4, rule="per_coordinate"),
+        "per-client depths": TrialGroupStrategy(2, 3, (3, 8), window_s=1.0, client_devices=devices),
+    }
+    wholes = {
+        "one configuration": RankAllocationStrategy(2, schedule),
+        "zero-padding": HeteroLoRAStrategy(2, [2, 8] * 4, rule="zero_pad"),
+        "fleet, no per-client depth": TrialGroupStrategy(
+            2, 3, (3, 8), window_s=1.0, client_devices=devices, per_client_depth=False
+        ),
+    }
+    for what, strategy in parts.items():
+        strategy.use_aggregator(OldMean())
+        with pytest.raises(ValueError, match="federation.aggregator=OldMean .*held=None"):
+            strategy.validate(len(devices))
+        strategy.use_aggregator(WeightedMean())
+        strategy.validate(len(devices))  # the packaged aggregators take held masks
+        assert strategy.combines_parts(), what
+    for what, strategy in wholes.items():
+        strategy.use_aggregator(OldMean())
+        strategy.validate(len(devices))
+        assert not strategy.combines_parts(), what
+
+
 def test_a_rank_cut_is_the_global_model_without_its_last_ranks() -> None:
     torch.manual_seed(0)
     module = FedPEFTModule(num_labels=3, num_hidden_layers=2, method="lora", rank=4).eval()

@@ -195,6 +195,9 @@ class TrialGroupStrategy(FedAvg):
             f"groups train different adapter configurations, whose shapes one set of moments cannot follow"
         )
 
+    def combines_parts(self) -> bool:
+        return self.client_devices is not None and self.per_client_depth  # per-client depths
+
     @property
     def groups(self) -> int:
         return len(self.candidates)

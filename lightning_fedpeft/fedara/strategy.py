@@ -328,6 +328,9 @@ class RankAllocationStrategy(FedAvg):
                 return f"importance for {m} has shape {tuple(value.shape)}, expected ({n},) active triplets"
         return None
 
+    def combines_parts(self) -> bool:
+        return self.client_devices is not None  # nested prefixes
+
     def aggregate(
         self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
     ) -> TrainableState:

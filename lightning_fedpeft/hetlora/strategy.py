@@ -99,6 +99,9 @@ class HeteroLoRAStrategy(FedAvg):
         if not lora_modules(global_state):
             raise ValueError("HeterogeneousLoRA needs LoRA layers in the trainable state: set model.method='lora'")
 
+    def combines_parts(self) -> bool:
+        return self.rule != "zero_pad"  # zero-padding hands the aggregator whole states
+
     def aggregate(
         self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
     ) -> TrainableState:
