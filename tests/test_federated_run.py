@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
@@ -114,3 +115,22 @@ def test_rounds_in_which_nothing_is_accepted_are_said_and_stop_the_run(stackover
     sync, _, _ = fit(max_empty_rounds=0)  # 0: the run goes on to max_epochs, saying so every round
     assert [int(r["clients"]) for r in sync.history] == [0, 0, 0, 0]
     assert sum("accepted no update" in r.getMessage() for r in caplog.records) == 4
+
+
+def test_why_rounds_were_empty_rides_in_the_checkpoint(stackoverflow, trainer_factory, tmp_path) -> None:
+    """A run resumed after an empty round still says why that round was empty when it stops."""
+    from lightning_fedpeft import NoUpdateAccepted
+
+    data = stackoverflow(num_clients=4, max_train_examples=48, max_val_examples=8, max_test_examples=8)
+    pl.seed_everything(0)
+    model = FedPEFTModule(num_labels=data.num_labels, num_hidden_layers=1, method="adapter", depth=1, width=4)
+
+    def trainer(rounds: int, max_empty_rounds: int) -> pl.Trainer:
+        sync = RoundSync(clients_per_round=2, local_steps=1, seed=0, max_empty_rounds=max_empty_rounds)
+        return trainer_factory(max_epochs=rounds, callbacks=[_DivergeEveryClient(), sync], limit_val_batches=0)
+
+    first = trainer(1, max_empty_rounds=0)
+    first.fit(model, datamodule=data)
+    first.save_checkpoint(tmp_path / "empty.ckpt")
+    with pytest.raises(NoUpdateAccepted, match=r"rounds 0-1\), .*round 0: .*non-finite.*; round 1: .*non-finite"):
+        trainer(4, max_empty_rounds=2).fit(model, datamodule=data, ckpt_path=tmp_path / "empty.ckpt")

@@ -405,7 +405,7 @@ class RoundSync(Callback):
         checkpoint["optimizer_states"] = []
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"history": list(self.history)}
+        state: dict[str, Any] = {"history": list(self.history), "refusals": dict(self._refusals)}
         if self.strategy is not None:
             state["strategy"] = self.strategy.state_dict()
         if self.launcher.codec.compression != "none" and self._reference is not None:
@@ -416,6 +416,7 @@ class RoundSync(Callback):
         # Lightning restores callback state after setup, so the strategy to restore into exists.
         self.round_log.rows[:] = list(state_dict.get("history", []))
         self._reference = state_dict.get("reference")
+        self._refusals = dict(state_dict.get("refusals", {}))  # why earlier rounds were empty, for the stop message
         if self.strategy is not None and "strategy" in state_dict:
             self.strategy.load_state_dict(state_dict["strategy"])
 
