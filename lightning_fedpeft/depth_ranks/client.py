@@ -184,15 +184,14 @@ class DepthRankUpgrade(FederatedAlgorithm):
             model = getattr(pl_module, "model", pl_module)
             total = state_nbytes(state)
             cap = self._num_layers - depth  # the cache serves no row above a live layer (on_client_start)
+            local = run.mean_local_batches()
             for train_depth in range(depth, 0, -1):
                 frozen = self._freeze_below(pl_module, train_depth)
                 try:
                     # What travels: the state less the frozen modules (a server sends and takes only the top).
                     nbytes = total - sum(p.numel() * p.element_size() for p in frozen)
                     seconds = {
-                        p.name: cost.round_seconds(
-                            model, batch, run.mean_local_batches(), nbytes, p, cached, boundary_cap=cap
-                        )
+                        p.name: cost.round_seconds(model, batch, local, nbytes, p, cached, boundary_cap=cap)
                         for p in cost.fleet_profiles()
                     }
                     memory = train_memory_bytes(model, batch)
