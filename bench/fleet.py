@@ -200,7 +200,9 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--rounds", type=int, default=60, help="a cap on rounds (FedARA's schedule length)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="a cap on rounds (FedARA's schedule length); 60, or 6 with --tiny"
+    )
     parser.add_argument("--max-sim-hours", type=float, default=0.5)
     parser.add_argument("--clients-per-round", type=int, default=10)
     parser.add_argument("--num-clients", type=int, default=100)
@@ -230,8 +232,10 @@ def main() -> None:
         return
     if args.tiny:
         args.corpus, args.layers, args.num_clients, args.clients_per_round = "stackoverflow", 2, 20, 6
-        args.max_train_examples, args.val_examples, args.rounds, args.max_length = 200, 32, 6, 32
+        args.max_train_examples, args.val_examples, args.max_length = 200, 32, 32
         args.max_sim_hours, args.alphas, args.eval_every, args.trial_val_batches = 10.0, [1.0], 1, 1
+    if args.rounds is None:
+        args.rounds = 6 if args.tiny else 60
     results: dict = {}
     for alpha in args.alphas:
         for seed in args.seeds:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -230,7 +230,6 @@ class CostModel:
         self.bandwidth_mbps = float(bandwidth_mbps)
         self.fleet = fleet
         self.client_devices: list[str] = []  # per client, once bound (a fleet); empty: every client on `device`
-        self._counts: dict[tuple, tuple[float, tuple[float, ...], tuple[float, ...]]] = {}
 
     def bind(self, num_clients: int, seed: int) -> None:
         """Deal the fleet (if any) over ``num_clients`` clients from ``seed``; ``ValueError`` naming the setting."""
@@ -259,21 +258,29 @@ class CostModel:
         ``boundary_cap`` as :func:`count_train_flops`."""
         ids = batch["input_ids"]
         cap = boundary_cap if cached else None
-        key = (_signature(model), cached, cap)
-        if key not in self._counts:
-            counts = [
-                count_train_flops(model, _probe_batch(batch, n), cached=cached, boundary_cap=cap) for n in PROBE_LENGTHS
-            ]
-            # A second example at the first length separates what a step costs once (AdaLoRA's
-            # orthogonality penalty, on the weights alone) from what it costs per example.
-            probe = _probe_batch(batch, PROBE_LENGTHS[0], size=2)
-            twice, _ = count_train_flops(model, probe, cached=cached, boundary_cap=cap)
+        probes = [_probe_batch(batch, n) for n in PROBE_LENGTHS]
+        # A second example at the first length separates what a step costs once (AdaLoRA's
+        # orthogonality penalty, on the weights alone) from what it costs per example.
+        twice_probe = _probe_batch(batch, PROBE_LENGTHS[0], size=2)
+
+        def count() -> tuple[float, tuple[float, ...], tuple[float, ...]]:
+            counts = [count_train_flops(model, probe, cached=cached, boundary_cap=cap) for probe in probes]
+            twice, _ = count_train_flops(model, twice_probe, cached=cached, boundary_cap=cap)
             once = 2.0 * counts[0][0] - twice
             per_example = tuple(step - once for step, _ in counts)
-            self._counts[key] = once, per_example, tuple(float(b) for _, b in counts)
-        once, per_example, bottoms = self._counts[key]
+            return once, per_example, tuple(float(b) for _, b in counts)
+
+        once, per_example, bottoms = _memo(
+            ("flops", _signature(model), cached, cap, _digest(twice_probe, values=False)), count
+        )
         batch_size, length = ids.shape
         return once + batch_size * _through(per_example, length), _through(bottoms, length)
+
+    def memory_bytes(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> int:
+        """:func:`train_memory_bytes` of ``model`` on ``batch``, counted once per configuration and batch."""
+        return _memo(
+            ("memory", _signature(model), _digest(batch, values=True)), lambda: train_memory_bytes(model, batch)
+        )
 
     def batch_seconds(
         self, model: nn.Module, batch: Mapping[str, torch.Tensor], cache: Any = None, client_id: int | None = None
@@ -316,7 +323,7 @@ def check_memory(
 ) -> int:
     """Raise ``ValueError`` naming the profile if training ``model`` on ``batch`` (its counted memory,
     :func:`train_memory_bytes`) does not fit some device of the run (or of ``profiles``); return the bytes."""
-    need = train_memory_bytes(model, batch)
+    need = cost_model.memory_bytes(model, batch)
     for profile in cost_model.fleet_profiles() if profiles is None else profiles:
         if not profile.fits(need):
             raise ValueError(
@@ -392,12 +399,55 @@ def _through(counts: Sequence[float], length: int) -> float:
 
 
 def _signature(model: nn.Module) -> str:
-    """What decides a step's FLOPs: every parameter's shape, and which train.
+    """What decides a step's FLOPs and memory: the model's class and config, every parameter's shape and
+    dtype, and which train.
 
     Frozen ones count too: a frozen module's shape is in the forward (an SVD module of a fleet client's
     frozen layers, or one a mask cut down), so two models that train the same parameters can cost apart.
     """
     h = hashlib.sha1()
+    config = getattr(model, "config", None)
+    described = config.to_dict() if hasattr(config, "to_dict") else config
+    if isinstance(described, dict):
+        # Set by the first forward from the labels (which the batch's digest covers): not a configuration.
+        described.pop("problem_type", None)
+    h.update(f"{type(model).__qualname__}:{described!r};".encode())
     for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{int(p.requires_grad)};".encode())
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{int(p.requires_grad)};".encode())
     return h.hexdigest()
+
+
+def _digest(batch: Mapping[str, Any], values: bool) -> str:
+    """A batch's keys, shapes and dtypes, and with ``values`` its contents: what a count on it depends on.
+
+    FLOPs do not depend on the values (so any batch of a shape shares one count); saved activations can
+    (an all-ones attention mask may skip the mask's tensors), so the memory count takes them too.
+    """
+    h = hashlib.sha1()
+    for name in sorted(batch):
+        value = batch[name]
+        if isinstance(value, torch.Tensor):
+            h.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+            if values:
+                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(f"{name}={value!r};".encode())
+    return h.hexdigest()
+
+
+# Counts are kept for the whole process, not per cost model: counting runs the model under Python-level
+# dispatch (about half a second a configuration on 2 cores), and a process meets the same configurations
+# again: a fleet's candidate sizes every round once the mask settles, a resumed run, the runs of a bench
+# or a test session. A count depends only on its key and runs in a forked RNG, so a hit changes nothing
+# but the time. Bounded: the oldest entries go first.
+_COUNTS: dict[tuple, Any] = {}
+_COUNTS_MAX = 4096
+
+
+def _memo(key: tuple, count: Callable[[], Any]) -> Any:
+    """``count()``, once per ``key`` while it stays among the last ``_COUNTS_MAX`` keys."""
+    if key not in _COUNTS:
+        if len(_COUNTS) >= _COUNTS_MAX:
+            del _COUNTS[next(iter(_COUNTS))]
+        _COUNTS[key] = count()
+    return _COUNTS[key]

@@ -192,3 +192,31 @@ def test_counting_a_step_leaves_the_random_stream_alone() -> None:
         before = torch.get_rng_state()
         count_train_flops(module.model, batch, cached=cached)
         assert torch.equal(torch.get_rng_state(), before), f"cached={cached}"
+
+
+def test_a_configuration_is_counted_once_per_process_and_again_when_it_changes(monkeypatch) -> None:
+    # Counts are shared by every cost model of the process (a resumed run, a bench's next method meet the
+    # same configurations again): a second model of the same configuration, or a batch of the same shape
+    # with other values, costs no recount; training another part, or another dtype, does.
+    from lightning_fedpeft import cost
+
+    calls: list[int] = []
+    real = cost.count_train_flops
+    monkeypatch.setattr(cost, "count_train_flops", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cost, "_COUNTS", {})
+    torch.manual_seed(0)
+    model = FedPEFTModule(num_labels=3, num_hidden_layers=2, method="lora", rank=2).model
+    ids = torch.randint(1000, 5000, (2, 9))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1])}
+    first = CostModel("tx2").step_flops(model, batch, cached=False)
+    assert len(calls) == 4  # three lengths and the two-example probe
+    other = {"input_ids": torch.randint(1000, 5000, (2, 9)), "labels": torch.tensor([2, 2])}
+    assert CostModel("rpi4b").step_flops(model, other, cached=False) == first
+    assert len(calls) == 4
+    next(p for n, p in model.named_parameters() if "lora_A" in n).requires_grad_(False)
+    fewer = CostModel("tx2").step_flops(model, batch, cached=False)
+    assert len(calls) == 8 and fewer[0] < first[0]
+    memory = CostModel("tx2").memory_bytes(model, batch)
+    assert memory == cost.train_memory_bytes(model, batch)
+    model.double()
+    assert CostModel("tx2").memory_bytes(model, batch) > memory

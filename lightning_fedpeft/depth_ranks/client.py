@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun, load_state
-from lightning_fedpeft.cost import check_memory, train_memory_bytes
+from lightning_fedpeft.cost import check_memory
 from lightning_fedpeft.depth_ranks.strategy import DepthRankStrategy, StateCost, StateDepthCosts
 from lightning_fedpeft.fedadapter.client import validation_accuracy
 from lightning_fedpeft.fedadapter.strategy import EvaluateState
@@ -194,7 +194,7 @@ class DepthRankUpgrade(FederatedAlgorithm):
                         p.name: cost.round_seconds(model, batch, local, nbytes, p, cached, boundary_cap=cap)
                         for p in cost.fleet_profiles()
                     }
-                    memory = train_memory_bytes(model, batch)
+                    memory = cost.memory_bytes(model, batch)
                 finally:
                     _unfreeze(frozen)
                 out.append({"depth": train_depth, "seconds": seconds, "memory_bytes": memory})

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun
-from lightning_fedpeft.cost import check_memory, train_memory_bytes
+from lightning_fedpeft.cost import check_memory
 from lightning_fedpeft.fedadapter.strategy import (
     CANDIDATES,
     Config,
@@ -243,7 +243,7 @@ class ProgressiveUpgrade(FederatedAlgorithm):
                         p.name: cost.round_seconds(module.model, batch, local, nbytes, p, cached, boundary_cap=cap)
                         for p in cost.fleet_profiles()
                     }
-                    memory = train_memory_bytes(module.model, batch)
+                    memory = cost.memory_bytes(module.model, batch)
                 out.append({"depth": depth, "seconds": seconds, "memory_bytes": memory})
         finally:
             module.set_trainable_state(saved)

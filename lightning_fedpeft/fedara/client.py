@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun, load_state
-from lightning_fedpeft.cost import check_memory, train_memory_bytes
+from lightning_fedpeft.cost import check_memory
 from lightning_fedpeft.fedara.strategy import (
     IMPORTANCE,
     BudgetSchedule,
@@ -183,7 +183,7 @@ class RankAllocation(FederatedAlgorithm):
                     )
                     for p in cost.fleet_profiles()
                 }
-                memory = train_memory_bytes(model, batch)
+                memory = cost.memory_bytes(model, batch)
             finally:
                 cut.restore()
             answers.append({"seconds": seconds, "memory_bytes": memory})
