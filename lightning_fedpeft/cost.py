@@ -429,7 +429,8 @@ def _digest(batch: Mapping[str, Any], values: bool) -> str:
         if isinstance(value, torch.Tensor):
             h.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
             if values:
-                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+                # As bytes, whatever the dtype (numpy has no bfloat16).
+                h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
             h.update(f"{name}={value!r};".encode())
     return h.hexdigest()
