@@ -258,13 +258,15 @@ class CostModel:
         ``boundary_cap`` as :func:`count_train_flops`."""
         ids = batch["input_ids"]
         cap = boundary_cap if cached else None
-        probes = [_probe_batch(batch, n) for n in PROBE_LENGTHS]
         # A second example at the first length separates what a step costs once (AdaLoRA's
-        # orthogonality penalty, on the weights alone) from what it costs per example.
+        # orthogonality penalty, on the weights alone) from what it costs per example. Its layout is the key's:
+        # this runs every batch, so the length probes are built only when a count is missing.
         twice_probe = _probe_batch(batch, PROBE_LENGTHS[0], size=2)
 
         def count() -> tuple[float, tuple[float, ...], tuple[float, ...]]:
-            counts = [count_train_flops(model, probe, cached=cached, boundary_cap=cap) for probe in probes]
+            counts = [
+                count_train_flops(model, _probe_batch(batch, n), cached=cached, boundary_cap=cap) for n in PROBE_LENGTHS
+            ]
             twice, _ = count_train_flops(model, twice_probe, cached=cached, boundary_cap=cap)
             once = 2.0 * counts[0][0] - twice
             per_example = tuple(step - once for step, _ in counts)
@@ -436,8 +438,8 @@ def _digest(batch: Mapping[str, Any], values: bool) -> str:
     return h.hexdigest()
 
 
-# Counts are kept for the whole process, not per cost model: counting runs the model under Python-level
-# dispatch (about half a second a configuration on 2 cores), and a process meets the same configurations
+# Counts are kept for the whole process, not per cost model: counting runs the model four times under
+# Python-level dispatch (slow beside the step it prices), and a process meets the same configurations
 # again: a fleet's candidate sizes every round once the mask settles, a resumed run, the runs of a bench
 # or a test session. A count depends only on its key and runs in a forked RNG, so a hit changes nothing
 # but the time. Bounded: the oldest entries go first.
