@@ -87,6 +87,10 @@ class FedPEFTCLI(LightningCLI):
         # Settings that depend on the trainer, resolved or refused before the model's weights are read.
         config = self.config[self.subcommand] if self.subcommand else self.config
         try:
+            # The federation's plain settings too: the data module splits the data when it is built, and a split
+            # that fails (a data-dependent setting) must not hide a bad federation setting given with it.
+            federation = config.get("federation") or {}
+            RoundSync.check_settings(**{k: federation[k] for k in _PLAIN_FEDERATION if k in federation})
             check_strategy(config.trainer.get("strategy"), config.trainer.get("accelerator"))
             config.model.base_dtype = resolve_base_dtype(
                 config.model.base_dtype, config.model.quantization, config.model.load_device, config.trainer
@@ -176,6 +180,15 @@ def _exit_with(err: Exception, code: int) -> None:
     sys.exit(code)
 
 
+# RoundSync.check_settings' arguments: the federation settings checked before the data is split.
+_PLAIN_FEDERATION = (
+    "clients_per_round",
+    "num_clients",
+    "local_epochs",
+    "local_steps",
+    "eval_every",
+    "max_empty_rounds",
+)
 # The summary's validation columns: a classifier's, or a decoder's (whichever the rows have).
 _COLUMNS = {"val_acc": "val_acc", "val_f1": "val_f1", "val_ppl": "val_ppl", "val_exact_match": "val_em"}
 

@@ -104,16 +104,7 @@ class RoundSync(Callback):
         max_empty_rounds: int = 3,
     ) -> None:
         super().__init__()
-        for name, value in (("clients_per_round", clients_per_round), ("eval_every", eval_every)):
-            if value < 1:
-                raise ValueError(f"RoundSync {name}={value} must be at least 1")
-        if isinstance(max_empty_rounds, bool) or not isinstance(max_empty_rounds, int) or max_empty_rounds < 0:
-            raise ValueError(
-                f"RoundSync max_empty_rounds={max_empty_rounds!r} must be a whole number >= 0 (0: never stop)"
-            )
-        if num_clients is not None and num_clients < 1:
-            raise ValueError(f"RoundSync num_clients={num_clients} must be at least 1 (or unset)")
-        check_local_work(local_epochs, local_steps, "RoundSync ")
+        self.check_settings(clients_per_round, num_clients, local_epochs, local_steps, eval_every, max_empty_rounds)
         FederatedServer.check_budget(max_sim_hours, cost_model)
         if launcher is not None and compression != "none":
             raise ValueError("RoundSync: give compression to the launcher you pass (its codec), not to RoundSync")
@@ -144,6 +135,28 @@ class RoundSync(Callback):
         self._row: dict[str, Any] | None = None  # the round just closed, completed at the epoch's end
         self._validate_now = False
         self._reference: TrainableState | None = None  # the run's starting state, the codec's reference
+
+    @staticmethod
+    def check_settings(
+        clients_per_round: int = 10,
+        num_clients: int | None = None,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        eval_every: int = 1,
+        max_empty_rounds: int = 3,
+    ) -> None:
+        """``ValueError`` naming the first bad plain setting. The CLI calls it before the data is split, so a
+        bad federation setting is named even where the data could not be split either."""
+        for name, value in (("clients_per_round", clients_per_round), ("eval_every", eval_every)):
+            if value < 1:
+                raise ValueError(f"RoundSync {name}={value} must be at least 1")
+        if isinstance(max_empty_rounds, bool) or not isinstance(max_empty_rounds, int) or max_empty_rounds < 0:
+            raise ValueError(
+                f"RoundSync max_empty_rounds={max_empty_rounds!r} must be a whole number >= 0 (0: never stop)"
+            )
+        if num_clients is not None and num_clients < 1:
+            raise ValueError(f"RoundSync num_clients={num_clients} must be at least 1 (or unset)")
+        check_local_work(local_epochs, local_steps, "RoundSync ")
 
     @staticmethod
     def find(trainer: pl.Trainer) -> RoundSync | None:
