@@ -319,7 +319,10 @@ def one_step_config(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) ->
         "test_after_fit": False,
     }
     config["data"] |= {"max_val_examples": 4, "max_test_examples": 4, "batch_size": 4, "cache_dir": cache_dir}
-    path = tmp_path_factory.mktemp("fuzz") / "one_step.yaml"
+    folder = tmp_path_factory.mktemp("fuzz")
+    # Without a logger, LightningCLI saves the parsed config in the trainer's root dir: keep it out of the repo.
+    config["trainer"]["default_root_dir"] = str(folder)
+    path = folder / "one_step.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
