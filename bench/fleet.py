@@ -21,7 +21,9 @@ and final validation accuracy, the simulated hours to the common target (``--tar
 best accuracy of the alpha's methods, so every method reaches it) and how many times sooner the fleet-aware
 methods (d, e, f) reach it than the best of the baselines (a-c). Goals (issue 32): d or f >= 1.5x the best of
 a-c at >= its best accuracy, at both alphas. ``--seeds`` runs each (alpha, method) per seed (the seed also
-changes the partition and the fleet); the tables give each seed's figure and their mean.
+changes the partition and the fleet). ``table.md`` gives each seed's figures, then per alpha and method their
+summary over the seeds: mean best accuracy, the speed-up's geometric mean and on how many seeds goal 1 held.
+``--target-over`` sets the target from some methods only, so seeds that ran different methods share one rule.
 
     python bench/fleet.py --out bench/out/fleet                       # hours on 2 CPU cores: see docs/results.md
     python bench/fleet.py --tiny --out /tmp/fleet_tiny                # a 2-layer smoke run in about a minute
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -148,7 +151,35 @@ def hours_to(rows: list[dict], target: float) -> float | None:
     return min((r["sim_time_h"] for r in rows if r.get("val_acc", -1.0) >= target), default=None)
 
 
-def table(results: dict, fraction: float) -> str:
+def target_of(runs: dict, fraction: float, over: list[str] | None) -> float:
+    """``fraction`` x the lowest best accuracy of ``over`` (default: every method of this alpha and seed).
+
+    ``over`` keeps the target on the same methods for every seed where some seeds ran fewer methods.
+    """
+    chosen = [r["best"] for m, r in runs.items() if not over or m in over]
+    if not chosen:
+        raise SystemExit(f"--target-over {' '.join(over or [])}: none of these methods ran; ran: {', '.join(runs)}")
+    return fraction * min(chosen)
+
+
+def per_seed(runs: dict, fraction: float, over: list[str] | None) -> dict:
+    """One alpha and seed: the target, and per method its hours to it and the speed-up over the best baseline."""
+    target = target_of(runs, fraction, over)
+    hours = {m: hours_to(r["rows"], target) for m, r in runs.items()}
+    base = [h for m, h in hours.items() if m in BASELINES and h is not None]
+    best_base = min(base) if base else None
+    base_acc = max((r["best"] for m, r in runs.items() if m in BASELINES), default=None)
+    out = {"target": target, "methods": {}}
+    for method, res in runs.items():
+        h = hours[method]
+        ratio = best_base / h if (h and best_base and method in FLEET_AWARE) else None
+        # Goal 1 of issue 32, on this seed: >= 1.5x sooner than the best baseline, at >= the baselines' best.
+        goal = None if ratio is None or base_acc is None else (ratio >= 1.5 and res["best"] >= base_acc)
+        out["methods"][method] = {"best": res["best"], "final": res["final"], "hours": h, "ratio": ratio, "goal": goal}
+    return out
+
+
+def table(results: dict, fraction: float, over: list[str] | None = None) -> str:
     """Per (alpha, seed, method): accuracies, sim hours to the target, and the fleet-aware speed-ups."""
     lines = [
         "| alpha | seed | method | best val acc | final val acc | target | sim h to target | best baseline / this |",
@@ -156,16 +187,47 @@ def table(results: dict, fraction: float) -> str:
     ]
     for key, runs in results.items():
         alpha, seed = key.split("/")
-        target = fraction * min(r["best"] for r in runs.values())
-        base = [h for m, r in runs.items() if m in BASELINES and (h := hours_to(r["rows"], target)) is not None]
-        best_base = min(base) if base else None
-        for method, res in runs.items():
-            h = hours_to(res["rows"], target)
-            ratio = f"{best_base / h:.2f}x" if (h and best_base and method in FLEET_AWARE) else ""
-            shown = f"{h:.3f}" if h is not None else "not reached"
+        figures = per_seed(runs, fraction, over)
+        for method, f in figures["methods"].items():
+            ratio = f"{f['ratio']:.2f}x" if f["ratio"] is not None else ""
+            shown = f"{f['hours']:.3f}" if f["hours"] is not None else "not reached"
             lines.append(
-                f"| {alpha} | {seed} | {method} | {res['best']:.4f} | {res['final']:.4f} | {target:.4f} | {shown} | "
-                f"{ratio} |"
+                f"| {alpha} | {seed} | {method} | {f['best']:.4f} | {f['final']:.4f} | {figures['target']:.4f} | "
+                f"{shown} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def summary(results: dict, fraction: float, over: list[str] | None = None) -> str:
+    """Per alpha and method, over the seeds it ran: mean best accuracy (min-max), the speed-up's geometric
+    mean (a ratio: the geometric mean is the one whose inverse is the inverse's mean) and on how many seeds
+    goal 1 held. Each seed's figures use that seed's own target and baselines, as in ``table``."""
+    by_alpha: dict[str, dict[str, list[dict]]] = {}
+    for key, runs in results.items():
+        alpha, _ = key.split("/")
+        for method, f in per_seed(runs, fraction, over)["methods"].items():
+            by_alpha.setdefault(alpha, {}).setdefault(method, []).append(f)
+    lines = [
+        "| alpha | method | seeds | best val acc: mean (min-max) | sim h to target: mean | "
+        "best baseline / this: geometric mean (per seed) | goal 1 met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for alpha, methods in by_alpha.items():
+        for method, seeds in methods.items():
+            bests = [f["best"] for f in seeds]
+            reached = [f["hours"] for f in seeds if f["hours"] is not None]
+            hours = f"{sum(reached) / len(reached):.3f}" if reached else "not reached"
+            if len(reached) < len(seeds):
+                hours += f" ({len(reached)} of {len(seeds)} reached)"
+            ratios = [f["ratio"] for f in seeds if f["ratio"] is not None]
+            ratio, goal = "", ""
+            if ratios:
+                geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+                ratio = f"{geo:.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
+                goal = f"{sum(bool(f['goal']) for f in seeds)} of {len(seeds)}"
+            lines.append(
+                f"| {alpha} | {method} | {len(seeds)} | {sum(bests) / len(bests):.4f} ({min(bests):.4f}-"
+                f"{max(bests):.4f}) | {hours} | {ratio} | {goal} |"
             )
     return "\n".join(lines)
 
@@ -176,9 +238,13 @@ def plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(results)
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
+    # One row per alpha, one column per seed.
+    alphas = list(dict.fromkeys(k.split("/")[0] for k in results))
+    seeds = list(dict.fromkeys(k.split("/")[1] for k in results))
+    fig, axes = plt.subplots(len(alphas), len(seeds), figsize=(6 * len(seeds), 4 * len(alphas)), squeeze=False)
+    for key in results:
+        alpha, seed = key.split("/")
+        ax = axes[alphas.index(alpha)][seeds.index(seed)]
         for method, res in results[key].items():
             points = [(r["sim_time_h"], r["val_acc"]) for r in res["rows"] if "val_acc" in r]
             hours = [h for h, _ in points]
@@ -189,7 +255,10 @@ def plot(results: dict, out: Path) -> None:
         ax.set_xlabel("simulated hours (fleet: 50% rpi4b, 30% orin_nano, 20% tx2)")
         ax.set_ylabel("validation accuracy")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+        ax.legend(fontsize=7)
+    for ax in axes.flat:
+        if not ax.has_data():  # an (alpha, seed) that did not run
+            ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(out / "fleet.png", dpi=110)
 
@@ -219,6 +288,12 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--adapter-lr", type=float, default=5e-3)
     parser.add_argument("--target-fraction", type=float, default=0.99)
+    parser.add_argument(
+        "--target-over",
+        nargs="+",
+        choices=METHODS,
+        help="the methods whose lowest best accuracy sets the target (default: all that ran for that alpha and seed)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a 2-layer smoke run on Stack Overflow titles")
     parser.add_argument("--from-results", type=Path, nargs="+", help="merge saved results.json files; train nothing")
     args = parser.parse_args()
@@ -242,13 +317,15 @@ def main() -> None:
             runs = results.setdefault(f"{alpha}/{seed}", {})
             for method in args.methods:
                 runs[method] = run(method, alpha, seed, args)
+                # Saved after every method: a run stopped by hand keeps what finished.
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
     report(results, args)
 
 
 def report(results: dict, args: argparse.Namespace) -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    text = table(results, args.target_fraction)
+    text = table(results, args.target_fraction, args.target_over)
+    text += "\n\n" + summary(results, args.target_fraction, args.target_over)
     (args.out / "table.md").write_text(text + "\n")
     plot(results, args.out)
     print(text)

@@ -651,3 +651,51 @@ def test_the_fleet_bench_reads_a_trial_groups_clock_at_its_earliest_hour(tmp_pat
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| 1.0 | 0 | a_uniform_small | 0.8000 | 0.8000 | 0.8000 | 0.200 |  |" in table
     assert "| 1.0 | 0 | f_depth_ranks | 0.8000 | 0.8000 | 0.8000 | 0.050 | 4.00x |" in table
+
+
+def test_the_fleet_bench_summarises_seeds_with_their_own_targets(tmp_path: Path) -> None:
+    # Several seeds: each seed keeps its own target and baselines; the summary gives the mean best accuracy,
+    # the speed-up's geometric mean and on how many seeds goal 1 (>= 1.5x at >= the baselines' best) held.
+    import json
+    import subprocess
+    import sys
+
+    def rows(points: list[tuple[float, float]]) -> dict:
+        accs = [a for _, a in points]
+        return {
+            "rows": [{"round": i, "sim_time_h": h, "val_acc": a} for i, (h, a) in enumerate(points)],
+            "best": max(accs),
+            "final": accs[-1],
+            "wall_s": 1.0,
+        }
+
+    saved = {
+        "1.0/0": {"a_uniform_small": rows([(0.1, 0.5), (0.2, 0.8)]), "d_fedara_fleet": rows([(0.05, 0.8), (0.1, 0.9)])},
+        "1.0/1": {
+            "a_uniform_small": rows([(0.1, 0.8)]),
+            "d_fedara_fleet": rows([(0.4, 0.7), (0.6, 0.8)]),
+            # Left out of the target by --target-over; otherwise it would set seed 1's target to 0.5.
+            "f_depth_ranks": rows([(0.01, 0.5)]),
+        },
+    }
+    (tmp_path / "saved.json").write_text(json.dumps(saved))
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "bench/fleet.py", "--out", str(tmp_path / "out"), "--target-fraction", "1.0"]
+    cmd += ["--target-over", "a_uniform_small", "d_fedara_fleet", "--from-results", str(tmp_path / "saved.json")]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| 1.0 | 0 | d_fedara_fleet | 0.9000 | 0.9000 | 0.8000 | 0.050 | 4.00x |" in table
+    assert "| 1.0 | 1 | d_fedara_fleet | 0.8000 | 0.8000 | 0.8000 | 0.600 | 0.17x |" in table
+    # sqrt(4 x 1/6) = 0.82; goal held on seed 0 only.
+    assert "| 1.0 | d_fedara_fleet | 2 | 0.8500 (0.8000-0.9000) | 0.325 | 0.82x (4.00, 0.17) | 1 of 2 |" in table
+    assert "| 1.0 | a_uniform_small | 2 | 0.8000 (0.8000-0.8000) | 0.150 |  |  |" in table
+    assert "| 1.0 | f_depth_ranks | 1 | 0.5000 (0.5000-0.5000) | not reached (0 of 1 reached) |  |  |" in table
+    assert (tmp_path / "out" / "fleet.png").stat().st_size > 10_000
+
+    # A --target-over naming no method that ran is refused, naming the setting.
+    bad = [sys.executable, "bench/fleet.py", "--out", str(tmp_path / "bad"), "--target-over", "e_fedadapter_fleet"]
+    proc = subprocess.run(
+        [*bad, "--from-results", str(tmp_path / "saved.json")], cwd=root, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "--target-over e_fedadapter_fleet" in proc.stderr, proc.stderr[-2000:]
