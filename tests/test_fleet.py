@@ -618,6 +618,17 @@ def test_the_fleet_bench_runs_and_tabulates(tmp_path: Path) -> None:
     assert (tmp_path / "fleet.png").stat().st_size > 10_000
 
 
+def _saved_run(points: list[tuple[float, float]]) -> dict:
+    """A bench run as results.json saves it, from (simulated hour, validation accuracy) points."""
+    accs = [a for _, a in points]
+    return {
+        "rows": [{"round": i, "sim_time_h": h, "val_acc": a} for i, (h, a) in enumerate(points)],
+        "best": max(accs),
+        "final": accs[-1],
+        "wall_s": 1.0,
+    }
+
+
 def test_the_fleet_bench_reads_a_trial_groups_clock_at_its_earliest_hour(tmp_path: Path) -> None:
     # A trial-group method's clock restarts at each window (groups train side by side), so its rows are not
     # monotonic in time; hours to the target is the earliest hour a validated model reached it, not the first row.
@@ -625,20 +636,11 @@ def test_the_fleet_bench_reads_a_trial_groups_clock_at_its_earliest_hour(tmp_pat
     import subprocess
     import sys
 
-    def rows(points: list[tuple[float, float]]) -> dict:
-        accs = [a for _, a in points]
-        return {
-            "rows": [{"round": i, "sim_time_h": h, "val_acc": a} for i, (h, a) in enumerate(points)],
-            "best": max(accs),
-            "final": accs[-1],
-            "wall_s": 1.0,
-        }
-
     saved = {
         "1.0/0": {
-            "a_uniform_small": rows([(0.1, 0.5), (0.2, 0.8), (0.3, 0.8)]),
+            "a_uniform_small": _saved_run([(0.1, 0.5), (0.2, 0.8), (0.3, 0.8)]),
             # window 1: group 1 reaches 0.8 at 0.25 h; group 2, from 0 h again, at 0.05 h; then decided.
-            "f_depth_ranks": rows([(0.1, 0.5), (0.25, 0.8), (0.02, 0.4), (0.05, 0.8), (0.35, 0.8)]),
+            "f_depth_ranks": _saved_run([(0.1, 0.5), (0.25, 0.8), (0.02, 0.4), (0.05, 0.8), (0.35, 0.8)]),
         }
     }
     (tmp_path / "saved.json").write_text(json.dumps(saved))
@@ -660,22 +662,16 @@ def test_the_fleet_bench_summarises_seeds_with_their_own_targets(tmp_path: Path)
     import subprocess
     import sys
 
-    def rows(points: list[tuple[float, float]]) -> dict:
-        accs = [a for _, a in points]
-        return {
-            "rows": [{"round": i, "sim_time_h": h, "val_acc": a} for i, (h, a) in enumerate(points)],
-            "best": max(accs),
-            "final": accs[-1],
-            "wall_s": 1.0,
-        }
-
     saved = {
-        "1.0/0": {"a_uniform_small": rows([(0.1, 0.5), (0.2, 0.8)]), "d_fedara_fleet": rows([(0.05, 0.8), (0.1, 0.9)])},
+        "1.0/0": {
+            "a_uniform_small": _saved_run([(0.1, 0.5), (0.2, 0.8)]),
+            "d_fedara_fleet": _saved_run([(0.05, 0.8), (0.1, 0.9)]),
+        },
         "1.0/1": {
-            "a_uniform_small": rows([(0.1, 0.8)]),
-            "d_fedara_fleet": rows([(0.4, 0.7), (0.6, 0.8)]),
+            "a_uniform_small": _saved_run([(0.1, 0.8)]),
+            "d_fedara_fleet": _saved_run([(0.4, 0.7), (0.6, 0.8)]),
             # Left out of the target by --target-over; otherwise it would set seed 1's target to 0.5.
-            "f_depth_ranks": rows([(0.01, 0.5)]),
+            "f_depth_ranks": _saved_run([(0.01, 0.5)]),
         },
     }
     (tmp_path / "saved.json").write_text(json.dumps(saved))
