@@ -316,6 +316,50 @@ class CostModel:
         return device.batch_seconds(step) * local_batches + 2 * self.comm_seconds(nbytes)
 
 
+def priced_model(pl_module: nn.Module) -> nn.Module:
+    """The model the cost model prices: the one a training batch goes to as ``model(**batch)``, with a ``.loss``.
+
+    ``FedPEFTModule``'s ``model``; in a LightningModule of your own, the outermost Hugging Face model (a
+    ``transformers.PreTrainedModel`` or a ``peft.PeftModel``) it holds, whatever the attribute is called.
+    Anything else is returned as it is, and :func:`check_priceable` says why it cannot be priced.
+    """
+    inner = getattr(pl_module, "model", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    # modules() walks from the top down, so the first match is the outermost (a PeftModel before its base).
+    return next((m for m in pl_module.modules() if isinstance(m, (PreTrainedModel, PeftModel))), pl_module)
+
+
+def check_priceable(pl_module: nn.Module, batch: Any) -> None:
+    """Raise ``ValueError`` before training if the cost model cannot price a step of ``pl_module`` on ``batch``.
+
+    A step is priced by counting a forward and backward of :func:`priced_model` on a dict batch holding
+    ``input_ids`` (the probes vary its length): a tuple batch or a model that is not a Hugging Face one would
+    otherwise fail at the first step with an error about neither.
+    """
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    fix = "or leave federation.cost_model (RoundSync(cost_model=...)) unset to train without a simulated clock"
+    if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        got = f"a dict with keys {sorted(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+        raise ValueError(
+            f"federation.cost_model prices a step from a Hugging Face batch, a dict with an input_ids tensor "
+            f"(and labels), but the training batch is {got}: have the data module's collate_fn return such "
+            f"dicts, {fix}"
+        )
+    model = priced_model(pl_module)
+    if not isinstance(model, (PreTrainedModel, PeftModel)):
+        raise ValueError(
+            f"federation.cost_model prices a Hugging Face model (transformers or peft) called as "
+            f"model(**batch).loss, and {type(pl_module).__name__} holds none: keep one as an attribute "
+            f"(self.model = get_peft_model(...)), {fix}"
+        )
+
+
 def check_memory(
     cost_model: CostModel,
     model: nn.Module,

@@ -267,3 +267,88 @@ def test_fedara_allocates_ranks_and_prunes_modules_of_a_users_own_adalora_module
     final = allocation.strategy.full  # the server's full-rank record; the module holds the packed state
     mine = trainable_state(module)
     assert not any(k.startswith(pruned + ".") for k in mine) and any(k.startswith(pruned + ".") for k in final)
+
+
+class UserBertModule(pl.LightningModule):
+    """A user's own module holding a tiny Hugging Face BERT under peft (AdaLoRA or LoRA) as ``self.net``."""
+
+    def __init__(self, tuner: str) -> None:
+        super().__init__()
+        from peft import AdaLoraConfig, LoraConfig, get_peft_model
+        from transformers import BertConfig, BertForSequenceClassification
+
+        torch.manual_seed(0)
+        shape = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
+        bert = BertForSequenceClassification(
+            BertConfig(vocab_size=50, num_labels=3, max_position_embeddings=32, **shape)
+        )
+        targets = {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}
+        config = AdaLoraConfig(init_r=4, target_r=4, total_step=1, **targets) if tuner == "adalora" else None
+        self.net = get_peft_model(bert, config or LoraConfig(r=4, **targets))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.net(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=LR)
+
+
+class UserTexts(pl.LightningDataModule):
+    """A user's own data: dict batches of token ids, as a Hugging Face collator gives them."""
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(3)
+        ids, labels = torch.randint(1, 50, (40, 12), generator=gen), torch.randint(0, 3, (40,), generator=gen)
+        rows = [
+            {"input_ids": ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": labels[i]}
+            for i in range(40)
+        ]
+        return DataLoader(rows, batch_size=4, shuffle=True)
+
+
+def _fleet_sync() -> RoundSync:
+    from lightning_fedpeft.cost import CostModel
+    from lightning_fedpeft.fleet import Fleet
+
+    fleet = Fleet(fractions={"rpi4b": 0.5, "orin_nano": 0.5})
+    return RoundSync(clients_per_round=4, num_clients=8, local_steps=2, seed=SEED, cost_model=CostModel(fleet=fleet))
+
+
+def test_fedara_sizes_each_client_of_a_fleet_on_a_users_own_hugging_face_module() -> None:
+    # Issue 32: the fleet's nested prefixes, rank allocation and pruning on a user's module whose peft model is
+    # not called `model` (the cost model finds it: cost.priced_model).
+    from lightning_fedpeft.fedara import ModulePruning, RankAllocation
+
+    sync = _fleet_sync()
+    allocation = RankAllocation(target_rank=0.5, warmup_rounds=1, final_rounds=1)  # 16 triplets fall to 2
+    _trainer(4, sync, allocation, ModulePruning(), limit_val_batches=0).fit(UserBertModule("adalora"), UserTexts())
+    first, last = sync.history[0], sync.history[-1]
+    assert first["active_ranks"] == 16 and first["min_client_triplets"] < first["mean_client_triplets"] < 16
+    assert first["pred_saved_s"] > 0  # the Pis trained a smaller prefix than the global one, and so saved time
+    assert last["active_ranks"] == 2 and last["live_modules"] < first["live_modules"]  # allocated, then pruned
+    assert all(r["sim_round_s"] > 0 for r in sync.history)
+
+
+def test_lora_ranks_per_device_on_a_users_own_hugging_face_module() -> None:
+    from lightning_fedpeft import HeterogeneousLoRA
+    from lightning_fedpeft.state import trainable_state
+
+    module = UserBertModule("lora")
+    before = {k: v.clone() for k, v in trainable_state(module).items()}
+    sync = _fleet_sync()
+    hetero = HeterogeneousLoRA(ranks={"rpi4b": 1, "orin_nano": 4})
+    _trainer(3, sync, hetero, limit_val_batches=0).fit(module, UserTexts())
+    ranks = [r["mean_client_rank"] for r in sync.history]
+    assert all(1 <= r <= 4 for r in ranks) and any(1 < r < 4 for r in ranks), ranks  # both devices' ranks trained
+    after = trainable_state(module)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+
+
+def test_a_cost_model_refuses_tuple_batches_before_training_naming_the_setting() -> None:
+    from lightning_fedpeft.cost import CostModel
+    from lightning_fedpeft.errors import SetupError
+
+    trainer = _trainer(1, _sync(cost_model=CostModel()), limit_val_batches=0)
+    with pytest.raises(SetupError, match=r"federation.cost_model .* the training batch is a list"):
+        trainer.fit(UserModule(), datamodule=UserData())
+    assert trainer.global_step == 0

@@ -32,7 +32,7 @@ from lightning_fedpeft.callbacks.client_data import ClientData
 from lightning_fedpeft.callbacks.round_log import RoundLog, empty_rounds, refusals
 from lightning_fedpeft.callbacks.zero_reset import deepspeed_stage, prepare_deepspeed, reset_zero_optimizer
 from lightning_fedpeft.checkpoint import AtomicCheckpointIO
-from lightning_fedpeft.cost import CostModel, check_memory
+from lightning_fedpeft.cost import CostModel, check_memory, check_priceable, priced_model
 from lightning_fedpeft.devices import check_precision
 from lightning_fedpeft.errors import NoUpdateAccepted, SetupError
 from lightning_fedpeft.launchers import FederationAborted, RoundChannel, TransportConfig, make_launcher
@@ -193,6 +193,7 @@ class RoundSync(Callback):
         self._data = data = ClientData.take_over(trainer, pl_module, self.num_clients, channel, self.seed, RoundSync)
         prepare_deepspeed(trainer.strategy, data.batch_size)
         if self.cost_model is not None:
+            check_priceable(pl_module, data.sample_batch())  # before any algorithm counts on it
             self.cost_model.bind(data.num_clients, self.seed)  # deals a fleet: checked before any training
         run = FederatedRun(
             trainer=trainer,
@@ -214,7 +215,7 @@ class RoundSync(Callback):
         self.strategy.validate(data.num_clients)
         if self.cost_model is not None and self.cost_model.client_devices:
             if not any(a.sizes_per_client for a in self.algorithms):  # else the algorithm checks its smallest
-                model = getattr(pl_module, "model", pl_module)
+                model = priced_model(pl_module)
                 check_memory(self.cost_model, model, _on(data.sample_batch(), pl_module), "the global configuration")
         channel.check_round_size(self.clients_per_round)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a kill mid-write must not break last.ckpt
@@ -298,7 +299,7 @@ class RoundSync(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         sim_s = 0.0
         if self.cost_model is not None:
-            model = getattr(pl_module, "model", pl_module)
+            model = priced_model(pl_module)
             cache = getattr(pl_module, "activation_cache", None)
             client = local.client.client_id if local.client is not None else None
             sim_s = self.cost_model.batch_seconds(model, batch, cache, client_id=client)

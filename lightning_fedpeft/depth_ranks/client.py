@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun, load_state
-from lightning_fedpeft.cost import check_memory
+from lightning_fedpeft.cost import check_memory, priced_model
 from lightning_fedpeft.depth_ranks.strategy import DepthRankStrategy, StateCost, StateDepthCosts
 from lightning_fedpeft.fedadapter.client import validation_accuracy
 from lightning_fedpeft.fedadapter.strategy import EvaluateState
@@ -162,7 +162,7 @@ class DepthRankUpgrade(FederatedAlgorithm):
         try:
             batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
             cached = getattr(pl_module, "activation_cache", None) is not None
-            model = getattr(pl_module, "model", pl_module)
+            model = priced_model(pl_module)
             local = run.mean_local_batches()
             nbytes = state_nbytes(state)
             return max(cost.round_seconds(model, batch, local, nbytes, p, cached) for p in cost.fleet_profiles())
@@ -181,7 +181,7 @@ class DepthRankUpgrade(FederatedAlgorithm):
         try:
             batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
             cached = getattr(pl_module, "activation_cache", None) is not None
-            model = getattr(pl_module, "model", pl_module)
+            model = priced_model(pl_module)
             total = state_nbytes(state)
             cap = self._num_layers - depth  # the cache serves no row above a live layer (on_client_start)
             local = run.mean_local_batches()

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun, load_state
-from lightning_fedpeft.cost import check_memory
+from lightning_fedpeft.cost import check_memory, priced_model
 from lightning_fedpeft.fedara.strategy import (
     IMPORTANCE,
     BudgetSchedule,
@@ -152,7 +152,7 @@ class RankAllocation(FederatedAlgorithm):
             cut = TripletCut(pl_module, prefixes[-1])
             try:
                 batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
-                check_memory(cost, model, batch, f"FedARA's smallest prefix ({sizes[-1]} triplets)")
+                check_memory(cost, priced_model(pl_module), batch, f"FedARA's smallest prefix ({sizes[-1]} triplets)")
             finally:
                 cut.restore()
         return self.strategy
@@ -165,7 +165,7 @@ class RankAllocation(FederatedAlgorithm):
         assert run is not None and run.cost_model is not None
         cost = run.cost_model
         load_state(pl_module, query.state, [self])
-        model = getattr(pl_module, "model", pl_module)
+        model = priced_model(pl_module)
         batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
         cache = getattr(pl_module, "activation_cache", None)
         answers = []

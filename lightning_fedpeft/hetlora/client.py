@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_fedpeft.algorithm import ClientContext, ClientResult, FederatedAlgorithm, FederatedRun
-from lightning_fedpeft.cost import check_memory
+from lightning_fedpeft.cost import check_memory, priced_model
 from lightning_fedpeft.hetlora.strategy import RULES, HeteroLoRAStrategy
 
 ADAPTER = "default"
@@ -88,7 +88,7 @@ class HeterogeneousLoRA(FederatedAlgorithm):
         self._cut: RankCut | None = None
 
     def configure(self, run: FederatedRun) -> HeteroLoRAStrategy:
-        model = getattr(run.pl_module, "model", run.pl_module)
+        model = priced_model(run.pl_module)  # FedPEFTModule's model, or the peft model inside a user's own module
         layers = lora_layers(model)
         if not layers:
             raise ValueError("HeterogeneousLoRA needs LoRA layers: set model.method='lora' (peft's LoRA)")
