@@ -84,13 +84,28 @@ def frozen_boundary(model: nn.Module) -> int:
 
     Everything below it is frozen. Equals the number of layers when only the head trains.
     """
-    base, _, _, layers = encoder_parts(model)
-    if any(p.requires_grad for p in base.embeddings.parameters()):
+    layers = find_transformer_layers(model)
+    if any(p.requires_grad for p in _input_embeddings(model).parameters()):
         return 0
     for idx, layer in enumerate(layers):
         if any(p.requires_grad for p in layer.parameters()):
             return idx
     return len(layers)
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    """An encoder's whole ``embeddings`` module (words, positions, token types), else the model's input
+    embeddings (a decoder's token table: its positions are rotary, computed, not learned)."""
+    try:
+        return encoder_parts(model)[0].embeddings
+    except ValueError as err:
+        get = getattr(model, "get_input_embeddings", None)
+        embeddings = get() if callable(get) else None
+        if not isinstance(embeddings, nn.Module):
+            raise ValueError(
+                f"{type(model).__name__} has neither an encoder's `embeddings` nor input embeddings"
+            ) from err
+        return embeddings
 
 
 def cache_unsupported(model: nn.Module) -> str | None:

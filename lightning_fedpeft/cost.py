@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_fedpeft.cache import encoder_parts, frozen_boundary, only_layers
 from lightning_fedpeft.fleet import Fleet
+from lightning_fedpeft.tuners.adapter import find_transformer_layers
 
 MB = 1e6
 
@@ -162,7 +163,7 @@ def count_train_flops(
     a fleet client that freezes live layers others train); the layers between run forward without gradients.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    base, _, _, layers = encoder_parts(model)
+    layers = find_transformer_layers(model)  # an encoder's or a decoder's; only the cached path needs an encoder
     lowest = frozen_boundary(model)
     boundary = (lowest if boundary_cap is None else min(lowest, boundary_cap)) if cached else 0
     ids = batch["input_ids"]
@@ -195,6 +196,7 @@ def count_train_flops(
         counter = FlopCounterMode(display=False)
         # In the RNG's own fork too: the bottom runs in train mode, and its dropout must not move the
         # training's random stream (a probe made only by a resumed run would change what it trains).
+        base = encoder_parts(model)[0]
         with torch.random.fork_rng(devices=[]), torch.no_grad(), counter, only_layers(model, 0, boundary):
             base(input_ids=ids, attention_mask=batch.get("attention_mask"))
         bottom = counter.get_total_flops() // max(1, ids.shape[0])

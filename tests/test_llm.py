@@ -255,3 +255,31 @@ def test_default_lora_targets_of_other_decoders(kind: str, targets: set[str]) ->
     state = trainable_state(model)
     assert {re.search(r"\.([a-z_]+)\.lora_[AB]\.", k).group(1) for k in state} == targets
     assert not model.get_input_embeddings().weight.requires_grad
+
+
+def test_a_decoder_on_a_fleet_gets_nested_prefixes_and_ranks_per_device(
+    tiny_llama: str, cache_dir: str, trainer_factory
+) -> None:
+    # The cost model prices a decoder's step (its layer stack and input embeddings; the activation cache,
+    # an encoder's, is the only part that needs an encoder), so the fleet budgets work on decoders too.
+    from lightning_fedpeft import HeterogeneousLoRA
+    from lightning_fedpeft.cost import CostModel
+    from lightning_fedpeft.fleet import Fleet
+
+    def fleet_sync() -> RoundSync:
+        fleet = Fleet(fractions={"rpi4b": 0.5, "orin_nano": 0.5})
+        return RoundSync(clients_per_round=3, seed=0, eval_every=10, cost_model=CostModel(fleet=fleet))
+
+    data = _clinc(tiny_llama, cache_dir)
+    pl.seed_everything(0)
+    sync = fleet_sync()
+    allocation = RankAllocation(target_rank=0.5, warmup_rounds=1, final_rounds=0)
+    trainer_factory(max_epochs=2, callbacks=[sync, allocation]).fit(_decoder(tiny_llama, "svd", max_new_tokens=0), data)
+    first = sync.history[0]
+    assert first["active_ranks"] == 56 and first["min_client_triplets"] < first["mean_client_triplets"] < 56
+    assert first["pred_saved_s"] > 0 and all(r["sim_round_s"] > 0 for r in sync.history)
+
+    sync = fleet_sync()
+    hetero = HeterogeneousLoRA(ranks={"rpi4b": 1, "orin_nano": 4})
+    trainer_factory(max_epochs=2, callbacks=[sync, hetero]).fit(_decoder(tiny_llama, max_new_tokens=0), data)
+    assert all(1 <= r["mean_client_rank"] <= 4 for r in sync.history) and sync.history[0]["sim_round_s"] > 0
