@@ -200,8 +200,9 @@ def table(results: dict, fraction: float, over: list[str] | None = None) -> str:
 
 def summary(results: dict, fraction: float, over: list[str] | None = None) -> str:
     """Per alpha and method, over the seeds it ran: mean best accuracy (min-max), the speed-up's geometric
-    mean (a ratio: the geometric mean is the one whose inverse is the inverse's mean) and on how many seeds
-    goal 1 held. Each seed's figures use that seed's own target and baselines, as in ``table``."""
+    mean (for ratios: the geometric mean of the inverses is the inverse of the geometric mean, so the figure
+    does not depend on which way the ratio is taken) and on how many seeds goal 1 held. Each seed's figures
+    use that seed's own target and baselines, as in ``table``."""
     by_alpha: dict[str, dict[str, list[dict]]] = {}
     for key, runs in results.items():
         alpha, _ = key.split("/")
