@@ -7,6 +7,8 @@ seed), every client timed on its own device by the cost model (a round lasts as 
 * ``a_uniform_small``: adapters (depth 2, width 16) on every client, the cheap configuration the weakest
   device keeps up with (the activation cache serves the frozen bottom, as in bench/fedadapter.py);
 * ``b_uniform_large``: LoRA rank 8 on all six linear kinds of every layer, every client; stragglers set the pace;
+* ``b_adapters_large``: adapters (depth 6, width 32: every layer) on every client, the large fixed adapter
+  configuration of bench/fedadapter.py; with a and e it is what goal 2 compares FedAdapter against;
 * ``c_hetlora_zero_pad``: LoRA with rank 2 on the Raspberry Pis and 8 on the Jetsons, HetLoRA's zero-padding;
 * ``c_hetlora_exact``: the same ranks, every coordinate averaged over the clients that trained it (ours);
 * ``d_fedara_fleet``: FedARA (SVD rank 8, target rank 1) with every client's nested prefix sized to its device;
@@ -20,10 +22,14 @@ Every run stops at ``--max-sim-hours`` on the simulated clock (or ``--rounds``).
 and final validation accuracy, the simulated hours to the common target (``--target-fraction`` x the lowest
 best accuracy of the alpha's methods, so every method reaches it) and how many times sooner the fleet-aware
 methods (d, e, f) reach it than the best of the baselines (a-c). Goals (issue 32): d or f >= 1.5x the best of
-a-c at >= its best accuracy, at both alphas. ``--seeds`` runs each (alpha, method) per seed (the seed also
-changes the partition and the fleet). ``table.md`` gives each seed's figures, then per alpha and method their
-summary over the seeds: mean best accuracy, the speed-up's geometric mean and on how many seeds goal 1 held.
+a-c at >= its best accuracy, at both alphas; e (FedAdapter) >= 2x the best fixed adapter configuration in
+hindsight (the faster of a and ``b_adapters_large`` to the target; a table of its own). ``--seeds`` runs
+each (alpha, method) per seed (the seed also changes the partition and the fleet). ``table.md`` gives each
+seed's figures, then per alpha and method their summary over the seeds: mean best accuracy, the speed-up's
+geometric mean and on how many seeds goal 1 held.
 ``--target-over`` sets the target from some methods only, so seeds that ran different methods share one rule.
+``--horizon-h`` reads every run only up to that simulated hour (its best and final accuracy too), so runs
+capped differently (by rounds or by simulated hours) are compared over the same simulated time.
 
     python bench/fleet.py --out bench/out/fleet                       # hours on 2 CPU cores: see docs/results.md
     python bench/fleet.py --tiny --out /tmp/fleet_tiny                # a 2-layer smoke run in about a minute
@@ -56,13 +62,15 @@ FLEET = {"rpi4b": 0.5, "orin_nano": 0.3, "tx2": 0.2}
 METHODS = (
     "a_uniform_small",
     "b_uniform_large",
+    "b_adapters_large",
     "c_hetlora_zero_pad",
     "c_hetlora_exact",
     "d_fedara_fleet",
     "e_fedadapter_fleet",
     "f_depth_ranks",
 )
-BASELINES = ("a_uniform_small", "b_uniform_large", "c_hetlora_zero_pad", "c_hetlora_exact")
+BASELINES = ("a_uniform_small", "b_uniform_large", "b_adapters_large", "c_hetlora_zero_pad", "c_hetlora_exact")
+FIXED_ADAPTERS = ("a_uniform_small", "b_adapters_large")  # goal 2: FedAdapter against these, in hindsight
 FLEET_AWARE = ("d_fedara_fleet", "e_fedadapter_fleet", "f_depth_ranks")
 
 
@@ -89,6 +97,8 @@ def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict:
         model = FedPEFTModule(method="adapter", depth=2, width=16, lr=args.adapter_lr, **layers)
     elif method == "b_uniform_large":
         model = FedPEFTModule(method="lora", lr=args.lora_lr, **svd_like, **layers)
+    elif method == "b_adapters_large":
+        model = FedPEFTModule(method="adapter", depth=args.layers or 6, width=32, lr=args.adapter_lr, **layers)
     elif method.startswith("c_hetlora"):
         model = FedPEFTModule(method="lora", lr=args.lora_lr, **svd_like, **layers)
         rule = "zero_pad" if method.endswith("zero_pad") else "per_coordinate"
@@ -177,6 +187,52 @@ def per_seed(runs: dict, fraction: float, over: list[str] | None) -> dict:
         goal = None if ratio is None or base_acc is None else (ratio >= 1.5 and res["best"] >= base_acc)
         out["methods"][method] = {"best": res["best"], "final": res["final"], "hours": h, "ratio": ratio, "goal": goal}
     return out
+
+
+def within(results: dict, horizon_h: float | None) -> dict:
+    """Every run read only up to ``horizon_h`` simulated hours: its rows, best and final accuracy.
+
+    A run that validated nothing by then is left out of its seed (and said so). ``None``: unchanged.
+    """
+    if horizon_h is None:
+        return results
+    kept: dict = {}
+    for key, runs in results.items():
+        for method, res in runs.items():
+            rows = [r for r in res["rows"] if r["sim_time_h"] <= horizon_h]
+            accs = [r["val_acc"] for r in rows if "val_acc" in r]
+            if not accs:
+                print(f"[{key} {method}] validated nothing by {horizon_h} simulated h: left out", flush=True)
+                continue
+            kept.setdefault(key, {})[method] = {**res, "rows": rows, "best": max(accs), "final": accs[-1]}
+    return kept
+
+
+def adapter_lead(results: dict, fraction: float, over: list[str] | None = None) -> str:
+    """Goal 2 per (alpha, seed): FedAdapter's (e) hours to the target against the best fixed adapter
+    configuration in hindsight (the one of ``FIXED_ADAPTERS`` that reached it soonest)."""
+    lines = [
+        "| alpha | seed | target | e: sim h | best fixed adapters | its sim h | lead (fixed / e) | goal 2 (>= 2x) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, runs in results.items():
+        if "e_fedadapter_fleet" not in runs or not any(m in runs for m in FIXED_ADAPTERS):
+            continue
+        alpha, seed = key.split("/")
+        figures = per_seed(runs, fraction, over)
+        hours = {m: f["hours"] for m, f in figures["methods"].items()}
+        fixed = [(hours[m], m) for m in FIXED_ADAPTERS if m in hours and hours[m] is not None]
+        mine = hours["e_fedadapter_fleet"]
+        best_h, best_m = min(fixed) if fixed else (None, "none reached it")
+        lead = f"{best_h / mine:.2f}x" if (mine and best_h) else ""
+        goal = "" if not lead else ("met" if best_h / mine >= 2.0 else "not met")
+        if mine is None:
+            goal = "not met (e did not reach it)"
+        show = [f"{h:.3f}" if h is not None else "not reached" for h in (mine, best_h)]
+        lines.append(
+            f"| {alpha} | {seed} | {figures['target']:.4f} | {show[0]} | {best_m} | {show[1]} | {lead} | {goal} |"
+        )
+    return "\n".join(lines)
 
 
 def table(results: dict, fraction: float, over: list[str] | None = None) -> str:
@@ -295,6 +351,12 @@ def main() -> None:
         choices=METHODS,
         help="the methods whose lowest best accuracy sets the target (default: all that ran for that alpha and seed)",
     )
+    parser.add_argument(
+        "--horizon-h",
+        type=float,
+        default=None,
+        help="tabulate and plot every run only up to this simulated hour (default: each run as it stopped)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a 2-layer smoke run on Stack Overflow titles")
     parser.add_argument("--from-results", type=Path, nargs="+", help="merge saved results.json files; train nothing")
     args = parser.parse_args()
@@ -324,11 +386,15 @@ def main() -> None:
 
 
 def report(results: dict, args: argparse.Namespace) -> None:
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    text = table(results, args.target_fraction, args.target_over)
-    text += "\n\n" + summary(results, args.target_fraction, args.target_over)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))  # whole runs, whatever the horizon
+    shown = within(results, args.horizon_h)
+    text = table(shown, args.target_fraction, args.target_over)
+    text += "\n\n" + summary(shown, args.target_fraction, args.target_over)
+    lead = adapter_lead(shown, args.target_fraction, args.target_over)
+    if lead.count("\n") > 1:  # a row beyond the header: e and a fixed adapter configuration ran
+        text += "\n\nGoal 2: FedAdapter (e) against the best fixed adapter configuration in hindsight\n\n" + lead
     (args.out / "table.md").write_text(text + "\n")
-    plot(results, args.out)
+    plot(shown, args.out)
     print(text)
 
 

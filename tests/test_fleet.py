@@ -695,3 +695,36 @@ def test_the_fleet_bench_summarises_seeds_with_their_own_targets(tmp_path: Path)
         [*bad, "--from-results", str(tmp_path / "saved.json")], cwd=root, capture_output=True, text=True
     )
     assert proc.returncode != 0 and "--target-over e_fedadapter_fleet" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_fleet_bench_reads_runs_up_to_a_common_horizon_and_tabulates_fedadapters_lead(tmp_path: Path) -> None:
+    # Runs capped differently (rounds, simulated hours) are read up to one simulated hour, their best and final
+    # accuracy too; goal 2 compares e against the faster of the fixed adapter configurations (a, b_adapters_large).
+    import json
+    import subprocess
+    import sys
+
+    saved = {
+        "1.0/0": {
+            "a_uniform_small": _saved_run([(0.1, 0.5), (0.3, 0.8), (0.6, 0.95)]),
+            "b_adapters_large": _saved_run([(0.2, 0.6), (0.4, 0.8)]),
+            "e_fedadapter_fleet": _saved_run([(0.05, 0.6), (0.1, 0.8), (0.45, 0.9)]),
+            "d_fedara_fleet": _saved_run([(0.7, 0.9)]),  # validated nothing by the horizon: left out
+        }
+    }
+    (tmp_path / "saved.json").write_text(json.dumps(saved))
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "bench/fleet.py", "--out", str(tmp_path / "out"), "--target-fraction", "1.0"]
+    cmd += ["--horizon-h", "0.5", "--from-results", str(tmp_path / "saved.json")]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "d_fedara_fleet] validated nothing by 0.5 simulated h" in proc.stdout
+    table = (tmp_path / "out" / "table.md").read_text()
+    # a's 0.95 at 0.6 h is past the horizon: its best is 0.8, which sets the target (the lowest best).
+    assert "| 1.0 | 0 | a_uniform_small | 0.8000 | 0.8000 | 0.8000 | 0.300 |  |" in table
+    assert "| 1.0 | 0 | e_fedadapter_fleet | 0.9000 | 0.9000 | 0.8000 | 0.100 | 3.00x |" in table
+    assert "d_fedara_fleet" not in table
+    # Goal 2: a reached the target at 0.3 h, b_adapters_large at 0.4 h; e at 0.1 h: 3x, met.
+    assert "| 1.0 | 0 | 0.8000 | 0.100 | a_uniform_small | 0.300 | 3.00x | met |" in table
+    # The saved results keep the whole runs, whatever the horizon.
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == saved
