@@ -310,12 +310,14 @@ class CostModel:
         device: DeviceProfile,
         cached: bool = False,
         boundary_cap: int | None = None,
+        nbytes_up: float | None = None,
     ) -> float:
         """Predicted seconds of a client round on ``device``: ``local_batches`` steps of ``model`` as it
-        stands on batches shaped like ``batch``, plus ``nbytes`` down and ``nbytes`` up (``boundary_cap`` as
-        :func:`count_train_flops`)."""
+        stands on batches shaped like ``batch``, plus ``nbytes`` down and ``nbytes_up`` (default ``nbytes``)
+        up (``boundary_cap`` as :func:`count_train_flops`)."""
         step, _ = self.step_flops(model, batch, cached, boundary_cap)
-        return device.batch_seconds(step) * local_batches + 2 * self.comm_seconds(nbytes)
+        up = nbytes if nbytes_up is None else nbytes_up
+        return device.batch_seconds(step) * local_batches + self.comm_seconds(nbytes) + self.comm_seconds(up)
 
 
 def priced_model(pl_module: nn.Module) -> nn.Module:

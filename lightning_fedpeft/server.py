@@ -127,8 +127,10 @@ class FederatedServer:
         self.record.wire_bytes_up += up
         compute = update.metrics.get("sim_compute_s")
         if self.cost_model is not None and compute is not None:
-            share = self.strategy.transfer_share(update.client_id)  # a fleet client's part of the state
-            comm = self.cost_model.comm_seconds(self._wire_down * share) + self.cost_model.comm_seconds(up * share)
+            # A fleet client's part of the state: what its local steps run comes down, what it trained goes up.
+            down = self._wire_down * self.strategy.download_share(update.client_id)
+            up_share = self.strategy.transfer_share(update.client_id)
+            comm = self.cost_model.comm_seconds(down) + self.cost_model.comm_seconds(up * up_share)
             self._sim_seconds[update.client_id] = compute + comm
         self._updates.append(update)
         return True

@@ -83,12 +83,19 @@ class Strategy:
         raise NotImplementedError
 
     def transfer_share(self, client_id: int) -> float:
-        """The share of the state's elements client ``client_id`` exchanges this round (1.0: all of it).
+        """The share of the state's elements client ``client_id`` sends back this round (1.0: all of it).
 
         A strategy that has clients train part of the state (a fleet's prefixes and ranks) returns the part's
-        share: the simulated clock counts only that part each way, as a server would send and take only it.
+        share: the simulated clock counts only that part up, as a server would take only it; down too, unless
+        :meth:`download_share` says the client needs more.
         """
         return 1.0
+
+    def download_share(self, client_id: int) -> float:
+        """The share of the state's elements client ``client_id`` must receive this round: what its local
+        steps run, trained or not (default: :meth:`transfer_share`, for clients that run only what they train).
+        """
+        return self.transfer_share(client_id)
 
     def advance_clock(self, round_s: float) -> None:
         """Count the round just aggregated, which took ``round_s`` simulated seconds (its slowest client)."""

@@ -19,7 +19,9 @@ from lightning_fedpeft.fleet import Fleet
 from lightning_fedpeft.hetlora import HeteroLoRAStrategy, RankCut, rank_masks
 from lightning_fedpeft.protocol import ClientUpdate
 from lightning_fedpeft.resources import ClientResources
+from lightning_fedpeft.server import FederatedServer
 from lightning_fedpeft.state import trainable_state
+from lightning_fedpeft.strategy import FedAvg
 from lightning_fedpeft.tuners.svd import TripletCut, svd_layers, triplet_keys
 
 # -- the fleet ----------------------------------------------------------------------------------------------------
@@ -579,11 +581,51 @@ def test_each_adapter_is_averaged_over_the_clients_that_trained_it() -> None:
             out[f"model.encoder.layer.{layer}.output.adapter.down.weight"], torch.full((2, 2), 1.0 + fast)
         )
     torch.testing.assert_close(out["model.classifier.weight"], torch.full((2,), both))
+    # The slow client ran every adapter of the trial forward (those below its depth frozen, and trained by the
+    # fast client last round): it needs the whole state down, and sends back only its top.
+    assert strategy.download_share(slow) == 1.0 > strategy.transfer_share(slow)
+    assert strategy.download_share(fast) == strategy.transfer_share(fast) == 1.0
     cheat = {k: v + 1.0 for k, v in state.items()}
     strategy.phase, strategy.trials[0].done = 0, 0
     strategy.configure_round(1, 6)
     slow_now = next(c for c, d in strategy._train_depth.items() if d == 1)  # noqa: SLF001
     assert "below the top 1 adapters" in strategy.check_update(ClientUpdate(slow_now, 1, 1, cheat))
+
+
+@pytest.mark.parametrize("runs_what_it_trains", [True, False])
+def test_the_clock_charges_what_a_client_needs_down_and_what_it_trained_up(runs_what_it_trains: bool) -> None:
+    # A client that trains a quarter of the state: a FedARA prefix or a LoRA rank cut runs only that quarter
+    # (a quarter each way); a client below a FedAdapter trial's depth runs the rest forward (all of it down).
+    class Quarter(FedAvg):
+        def transfer_share(self, client_id: int) -> float:
+            return 0.25
+
+        def download_share(self, client_id: int) -> float:
+            return 0.25 if runs_what_it_trains else 1.0
+
+    cost = CostModel("tx2", bandwidth_mbps=1.0)
+    server = FederatedServer(Quarter(1, seed=0), num_clients=1, cost_model=cost)
+    state = {"w": torch.zeros(250_000)}  # 1 MB of float32
+    server.initialize(state)
+    server.open_round(0)
+    assert server.submit(ClientUpdate(0, 0, 10, {"w": torch.ones(250_000)}, {"sim_compute_s": 2.0}))
+    server.close_round()
+    record = server.finish_round().record
+    down = 0.25 if runs_what_it_trains else 1.0
+    expected = 2.0 + cost.comm_seconds(1e6 * down) + cost.comm_seconds(1e6 * 0.25)
+    assert record.sim_round_s == pytest.approx(expected)
+
+
+def test_a_round_is_predicted_with_its_own_bytes_each_way() -> None:
+    cost = CostModel("tx2", bandwidth_mbps=1.0)
+    model = torch.nn.Linear(2, 2)
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
+    cost.step_flops = lambda *args, **kwargs: (0.0, 0.0)  # only the transfers differ
+    device = cost.device
+    same = cost.round_seconds(model, batch, 1, 4e6, device)
+    assert same == pytest.approx(device.batch_seconds(0.0) + 2 * cost.comm_seconds(4e6))
+    less_up = cost.round_seconds(model, batch, 1, 4e6, device, nbytes_up=1e6)
+    assert same - less_up == pytest.approx(cost.comm_seconds(3e6))
 
 
 def test_fedadapter_on_a_fleet_trains_each_client_at_its_depth(stackoverflow, trainer_factory) -> None:

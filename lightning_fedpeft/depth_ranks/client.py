@@ -188,10 +188,11 @@ class DepthRankUpgrade(FederatedAlgorithm):
             for train_depth in range(depth, 0, -1):
                 frozen = self._freeze_below(pl_module, train_depth)
                 try:
-                    # What travels: the state less the frozen modules (a server sends and takes only the top).
-                    nbytes = total - sum(p.numel() * p.element_size() for p in frozen)
+                    # What travels: the whole state down (the frozen modules run forward, and others trained them
+                    # last round), the state less the frozen modules up (TrialGroupStrategy.download_share).
+                    up = total - sum(p.numel() * p.element_size() for p in frozen)
                     seconds = {
-                        p.name: cost.round_seconds(model, batch, local, nbytes, p, cached, boundary_cap=cap)
+                        p.name: cost.round_seconds(model, batch, local, total, p, cached, cap, nbytes_up=up)
                         for p in cost.fleet_profiles()
                     }
                     memory = cost.memory_bytes(model, batch)

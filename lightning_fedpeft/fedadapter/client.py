@@ -237,10 +237,11 @@ class ProgressiveUpgrade(FederatedAlgorithm):
             local = run.mean_local_batches()
             for depth in range(config[0], 0, -1) if config[0] > 0 else [0]:
                 with _train_depth(module, depth) as frozen:
-                    # What travels: the state less the frozen adapters (a server sends and takes only the top).
-                    nbytes = total - sum(p.numel() * p.element_size() for p in frozen)
+                    # What travels: the whole state down (the frozen adapters run forward, and others trained
+                    # them last round), the state less the frozen adapters up (TrialGroupStrategy.download_share).
+                    up = total - sum(p.numel() * p.element_size() for p in frozen)
                     seconds = {
-                        p.name: cost.round_seconds(module.model, batch, local, nbytes, p, cached, boundary_cap=cap)
+                        p.name: cost.round_seconds(module.model, batch, local, total, p, cached, cap, nbytes_up=up)
                         for p in cost.fleet_profiles()
                     }
                     memory = cost.memory_bytes(module.model, batch)

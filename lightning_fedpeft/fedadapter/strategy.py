@@ -343,6 +343,11 @@ class TrialGroupStrategy(FedAvg):
             return 1.0
         return held_share(self._sent, self._held(client_id, self._sent))
 
+    def download_share(self, client_id: int) -> float:
+        # A client below the trial's depth still runs the adapters it does not train forward, and others
+        # trained them last round: it needs the trial's whole state, and sends back only its top.
+        return 1.0
+
     # -- aggregate: average; at the end of a trial, score it, then grow the next or decide ----------------
     def aggregate(
         self, round_idx: int, global_state: TrainableState, updates: Sequence[ClientUpdate]
