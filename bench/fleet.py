@@ -210,11 +210,9 @@ def within(results: dict, horizon_h: float | None) -> dict:
 
 def adapter_lead(results: dict, fraction: float, over: list[str] | None = None) -> str:
     """Goal 2 per (alpha, seed): FedAdapter's (e) hours to the target against the best fixed adapter
-    configuration in hindsight (the one of ``FIXED_ADAPTERS`` that reached it soonest)."""
-    lines = [
-        "| alpha | seed | target | e: sim h | best fixed adapters | its sim h | lead (fixed / e) | goal 2 (>= 2x) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    configuration in hindsight (the one of ``FIXED_ADAPTERS`` that reached it soonest). ``""`` where no seed
+    ran e beside a fixed configuration."""
+    lines = []
     for key, runs in results.items():
         if "e_fedadapter_fleet" not in runs or not any(m in runs for m in FIXED_ADAPTERS):
             continue
@@ -224,15 +222,17 @@ def adapter_lead(results: dict, fraction: float, over: list[str] | None = None) 
         fixed = [(hours[m], m) for m in FIXED_ADAPTERS if m in hours and hours[m] is not None]
         mine = hours["e_fedadapter_fleet"]
         best_h, best_m = min(fixed) if fixed else (None, "none reached it")
-        lead = f"{best_h / mine:.2f}x" if (mine and best_h) else ""
-        goal = "" if not lead else ("met" if best_h / mine >= 2.0 else "not met")
-        if mine is None:
-            goal = "not met (e did not reach it)"
+        lead, goal = "", "not met (e did not reach it)" if mine is None else ""
+        if mine and best_h:
+            lead, goal = f"{best_h / mine:.2f}x", "met" if best_h / mine >= 2.0 else "not met"
         show = [f"{h:.3f}" if h is not None else "not reached" for h in (mine, best_h)]
         lines.append(
             f"| {alpha} | {seed} | {figures['target']:.4f} | {show[0]} | {best_m} | {show[1]} | {lead} | {goal} |"
         )
-    return "\n".join(lines)
+    if not lines:
+        return ""
+    header = "| alpha | seed | target | e: sim h | best fixed adapters | its sim h | lead (fixed / e) | goal 2 |"
+    return "\n".join([header, "|---|---|---|---|---|---|---|---|", *lines])
 
 
 def table(results: dict, fraction: float, over: list[str] | None = None) -> str:
@@ -391,7 +391,7 @@ def report(results: dict, args: argparse.Namespace) -> None:
     text = table(shown, args.target_fraction, args.target_over)
     text += "\n\n" + summary(shown, args.target_fraction, args.target_over)
     lead = adapter_lead(shown, args.target_fraction, args.target_over)
-    if lead.count("\n") > 1:  # a row beyond the header: e and a fixed adapter configuration ran
+    if lead:
         text += "\n\nGoal 2: FedAdapter (e) against the best fixed adapter configuration in hindsight\n\n" + lead
     (args.out / "table.md").write_text(text + "\n")
     plot(shown, args.out)
