@@ -74,6 +74,51 @@ FIXED_ADAPTERS = ("a_uniform_small", "b_adapters_large")  # goal 2: FedAdapter a
 FLEET_AWARE = ("d_fedara_fleet", "e_fedadapter_fleet", "f_depth_ranks")
 
 
+KEPT = (
+    "round",
+    "val_acc",
+    "sim_time_h",
+    "sim_round_s",
+    "pred_saved_s",
+    "mean_client_triplets",
+    "mean_train_depth",
+    "trial_depth",
+    "live_modules",
+    "active_ranks",
+)
+
+
+def kept_rows(history: list[dict]) -> list[dict]:
+    """The columns of a round's row that the tables and the plot read."""
+    return [{k: row[k] for k in KEPT if k in row} for row in history]
+
+
+class SaveProgress(pl.Callback):
+    """After every round, the run so far in ``results.json``'s format, marked ``"partial": true``.
+
+    A long run stopped by hand (or cut off) so keeps its rounds; ``--from-results`` reads the file like any
+    other, and the table names such a run with the simulated hour it reached (``shown_name``).
+    """
+
+    def __init__(self, sync: RoundSync, path: Path, key: str, method: str) -> None:
+        self.sync, self.path, self.key, self.method = sync, path, key, method
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The run's last round is closed at the end of fit (RoundSync's on_train_end runs before this one).
+        self._write()
+
+    def _write(self) -> None:
+        rows = kept_rows(self.sync.history)
+        accs = [r["val_acc"] for r in rows if "val_acc" in r]
+        if not accs:
+            return
+        run = {"rows": rows, "best": max(accs), "final": accs[-1], "partial": True}
+        self.path.write_text(json.dumps({self.key: {self.method: run}}, indent=1))
+
+
 def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict:
     pl.seed_everything(seed, verbose=False)
     data = FederatedTextDataModule(
@@ -122,25 +167,14 @@ def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict:
         cost_model=cost,
         max_sim_hours=args.max_sim_hours,
     )
-    trainer = quiet_trainer(max_epochs=args.rounds, callbacks=[sync, *callbacks])
+    progress = SaveProgress(sync, args.out / f"progress_{alpha}_{seed}_{method}.json", f"{alpha}/{seed}", method)
+    trainer = quiet_trainer(max_epochs=args.rounds, callbacks=[sync, *callbacks, progress])
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, datamodule=data)
     wall = time.perf_counter() - t0
-    keep = (
-        "round",
-        "val_acc",
-        "sim_time_h",
-        "sim_round_s",
-        "pred_saved_s",
-        "mean_client_triplets",
-        "mean_train_depth",
-        "trial_depth",
-        "live_modules",
-        "active_ranks",
-    )
-    rows = [{k: row[k] for k in keep if k in row} for row in sync.history]
+    rows = kept_rows(sync.history)
     accs = [r["val_acc"] for r in rows if "val_acc" in r]
     print(
         f"[alpha={alpha} seed={seed} {method}] {len(rows)} rounds, {rows[-1]['sim_time_h']:.3f} sim h, {wall:.0f}s "
@@ -204,7 +238,15 @@ def within(results: dict, horizon_h: float | None) -> dict:
             if not accs:
                 print(f"[{key} {method}] validated nothing by {horizon_h} simulated h: left out", flush=True)
                 continue
-            kept.setdefault(key, {})[method] = {**res, "rows": rows, "best": max(accs), "final": accs[-1]}
+            # A run saved part-way that got past the horizon is whole within it.
+            partial = bool(res.get("partial")) and max(r["sim_time_h"] for r in res["rows"]) <= horizon_h
+            kept.setdefault(key, {})[method] = {
+                **res,
+                "rows": rows,
+                "best": max(accs),
+                "final": accs[-1],
+                "partial": partial,
+            }
     return kept
 
 
@@ -235,6 +277,13 @@ def adapter_lead(results: dict, fraction: float, over: list[str] | None = None) 
     return "\n".join([header, "|---|---|---|---|---|---|---|---|", *lines])
 
 
+def shown_name(method: str, res: dict) -> str:
+    """The method, and for a run saved part-way (``SaveProgress``) the simulated hour it had reached."""
+    if not res.get("partial"):
+        return method
+    return f"{method} (stopped at {max(r['sim_time_h'] for r in res['rows']):.3f} h)"
+
+
 def table(results: dict, fraction: float, over: list[str] | None = None) -> str:
     """Per (alpha, seed, method): accuracies, sim hours to the target, and the fleet-aware speed-ups."""
     lines = [
@@ -248,8 +297,8 @@ def table(results: dict, fraction: float, over: list[str] | None = None) -> str:
             ratio = f"{f['ratio']:.2f}x" if f["ratio"] is not None else ""
             shown = f"{f['hours']:.3f}" if f["hours"] is not None else "not reached"
             lines.append(
-                f"| {alpha} | {seed} | {method} | {f['best']:.4f} | {f['final']:.4f} | {figures['target']:.4f} | "
-                f"{shown} | {ratio} |"
+                f"| {alpha} | {seed} | {shown_name(method, runs[method])} | {f['best']:.4f} | {f['final']:.4f} | "
+                f"{figures['target']:.4f} | {shown} | {ratio} |"
             )
     return "\n".join(lines)
 

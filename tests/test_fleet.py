@@ -658,6 +658,12 @@ def test_the_fleet_bench_runs_and_tabulates(tmp_path: Path) -> None:
     table = (tmp_path / "table.md").read_text()
     assert "| 1.0 | 0 | b_uniform_large |" in table and "| 1.0 | 0 | c_hetlora_exact |" in table
     assert (tmp_path / "fleet.png").stat().st_size > 10_000
+    # Every round was also saved as it finished: a run cut off keeps its rounds, marked partial.
+    import json
+
+    whole = json.loads((tmp_path / "results.json").read_text())["1.0/0"]["c_hetlora_exact"]
+    progress = json.loads((tmp_path / "progress_1.0_0_c_hetlora_exact.json").read_text())["1.0/0"]["c_hetlora_exact"]
+    assert progress["partial"] is True and progress["rows"] == whole["rows"] and progress["best"] == whole["best"]
 
 
 def _saved_run(points: list[tuple[float, float]]) -> dict:
@@ -770,3 +776,34 @@ def test_the_fleet_bench_reads_runs_up_to_a_common_horizon_and_tabulates_fedadap
     assert "| 1.0 | 0 | 0.8000 | 0.100 | a_uniform_small | 0.300 | 3.00x | met |" in table
     # The saved results keep the whole runs, whatever the horizon.
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == saved
+
+
+def test_the_fleet_bench_names_a_run_saved_part_way_with_the_hour_it_reached(tmp_path: Path) -> None:
+    # A run cut off before the horizon is shown with the simulated hour it reached, so its best accuracy is not
+    # read as the best by the horizon; one saved part-way but past the horizon is whole within it.
+    import json
+    import subprocess
+    import sys
+
+    saved = {
+        "1.0/0": {
+            "a_uniform_small": _saved_run([(0.1, 0.5), (0.3, 0.8)]),
+            "e_fedadapter_fleet": {**_saved_run([(0.05, 0.6), (0.15, 0.8)]), "partial": True},
+            "f_depth_ranks": {**_saved_run([(0.1, 0.7), (0.4, 0.85)]), "partial": True},
+        }
+    }
+    (tmp_path / "saved.json").write_text(json.dumps(saved))
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "bench/fleet.py", "--out", str(tmp_path / "out"), "--target-fraction", "1.0"]
+    proc = subprocess.run(
+        [*cmd, "--horizon-h", "0.35", "--from-results", str(tmp_path / "saved.json")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| 1.0 | 0 | e_fedadapter_fleet (stopped at 0.150 h) | 0.8000 | 0.8000 | 0.7000 | 0.150 |" in table
+    assert "| 1.0 | 0 | f_depth_ranks | 0.7000 | 0.7000 | 0.7000 | 0.100 |" in table
+    assert "| 1.0 | 0 | a_uniform_small | 0.8000 |" in table
