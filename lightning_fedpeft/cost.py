@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -318,6 +318,36 @@ class CostModel:
         step, _ = self.step_flops(model, batch, cached, boundary_cap)
         up = nbytes if nbytes_up is None else nbytes_up
         return device.batch_seconds(step) * local_batches + self.comm_seconds(nbytes) + self.comm_seconds(up)
+
+    def train_depth_costs(
+        self,
+        model: nn.Module,
+        batch: Mapping[str, torch.Tensor],
+        local_batches: float,
+        nbytes: float,
+        depths: Iterable[int],
+        train_depth: Callable[[int], contextlib.AbstractContextManager[list[nn.Parameter]]],
+        cached: bool = False,
+        boundary_cap: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """On a fleet, per depth of ``depths``: ``{"depth", "seconds": {profile: round seconds}, "memory_bytes"}``
+        of a client that trains only its top ``depth`` layers. ``train_depth(depth)`` is the context in which
+        the model trains so, yielding the parameters it froze.
+
+        What travels: the whole state (``nbytes``) down, since the frozen modules run forward and others trained
+        them last round; the state less the frozen modules up (``TrialGroupStrategy.download_share``).
+        """
+        out = []
+        for depth in depths:
+            with train_depth(depth) as frozen:
+                up = nbytes - sum(p.numel() * p.element_size() for p in frozen)
+                seconds = {
+                    p.name: self.round_seconds(model, batch, local_batches, nbytes, p, cached, boundary_cap, up)
+                    for p in self.fleet_profiles()
+                }
+                memory = self.memory_bytes(model, batch)
+            out.append({"depth": depth, "seconds": seconds, "memory_bytes": memory})
+        return out
 
 
 def priced_model(pl_module: nn.Module) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -220,3 +221,41 @@ def test_a_configuration_is_counted_once_per_process_and_again_when_it_changes(m
     assert memory == cost.train_memory_bytes(model, batch)
     model.double()
     assert CostModel("tx2").memory_bytes(model, batch) > memory
+
+
+def test_a_fleet_client_below_the_configurations_depth_is_priced_with_its_frozen_layers() -> None:
+    # Per train depth on every device: backward stops at the lowest trained adapter, the whole state goes down
+    # and only what the client trained comes back; the frozen adapters train again afterwards.
+    torch.manual_seed(0)
+    module = FedPEFTModule(num_labels=3, num_hidden_layers=2, method="adapter", depth=2, width=8)
+    ids = torch.randint(1000, 5000, (4, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2, 0])}
+    cost = CostModel("tx2", bandwidth_mbps=0.01)
+    cost.client_devices = ["rpi4b", "tx2", "rpi4b"]
+    params = dict(module.model.named_parameters())
+    bottom = [p for n, p in params.items() if "layer.0.output.adapter" in n]
+    total = sum(p.numel() * p.element_size() for p in params.values() if p.requires_grad)
+
+    @contextlib.contextmanager
+    def train_depth(depth: int):
+        frozen = bottom if depth == 1 else []
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield frozen
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    rows = cost.train_depth_costs(module.model, batch, 3.0, total, [2, 1], train_depth)
+    assert [r["depth"] for r in rows] == [2, 1] and all(p.requires_grad for p in bottom)
+    assert set(rows[0]["seconds"]) == {"rpi4b", "tx2"}
+    frozen_bytes = sum(p.numel() * p.element_size() for p in bottom)
+    for name, profile in cost.profiles.items():
+        if name not in rows[0]["seconds"]:
+            continue
+        assert rows[0]["seconds"][name] == cost.round_seconds(module.model, batch, 3.0, total, profile)
+        with train_depth(1):
+            by_hand = cost.round_seconds(module.model, batch, 3.0, total, profile, nbytes_up=total - frozen_bytes)
+        assert rows[1]["seconds"][name] == by_hand < rows[0]["seconds"][name]
+    assert rows[1]["memory_bytes"] < rows[0]["memory_bytes"]

@@ -9,6 +9,8 @@ client also freezes the live modules below its top ``train_depth`` layers, if th
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -177,31 +179,31 @@ class DepthRankUpgrade(FederatedAlgorithm):
         cost = run.cost_model
         load_state(pl_module, state, [self])
         cut = _freeze_empty(pl_module)
-        out = []
         try:
             batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
             cached = getattr(pl_module, "activation_cache", None) is not None
-            model = priced_model(pl_module)
-            total = state_nbytes(state)
             cap = self._num_layers - depth  # the cache serves no row above a live layer (on_client_start)
-            local = run.mean_local_batches()
-            for train_depth in range(depth, 0, -1):
-                frozen = self._freeze_below(pl_module, train_depth)
-                try:
-                    # What travels: the whole state down (the frozen modules run forward, and others trained them
-                    # last round), the state less the frozen modules up (TrialGroupStrategy.download_share).
-                    up = total - sum(p.numel() * p.element_size() for p in frozen)
-                    seconds = {
-                        p.name: cost.round_seconds(model, batch, local, total, p, cached, cap, nbytes_up=up)
-                        for p in cost.fleet_profiles()
-                    }
-                    memory = cost.memory_bytes(model, batch)
-                finally:
-                    _unfreeze(frozen)
-                out.append({"depth": train_depth, "seconds": seconds, "memory_bytes": memory})
+            return cost.train_depth_costs(
+                priced_model(pl_module),
+                batch,
+                run.mean_local_batches(),
+                state_nbytes(state),
+                range(depth, 0, -1),
+                lambda d: self._train_depth(pl_module, d),
+                cached,
+                cap,
+            )
         finally:
             cut.restore()
-        return out
+
+    @contextlib.contextmanager
+    def _train_depth(self, pl_module: Any, depth: int) -> Iterator[list[torch.nn.Parameter]]:
+        """Within: only the live modules of the top ``depth`` layers train; afterwards as before."""
+        frozen = self._freeze_below(pl_module, depth)
+        try:
+            yield frozen
+        finally:
+            _unfreeze(frozen)
 
     def _freeze_below(self, pl_module: Any, depth: int) -> list[torch.nn.Parameter]:
         """Freeze the trainable SVD factors outside the top ``depth`` layers; return the parameters frozen."""

@@ -226,7 +226,6 @@ class ProgressiveUpgrade(FederatedAlgorithm):
         cost = run.cost_model
         saved = trainable_state(module)
         module.resize_adapters(*config, generator=torch.Generator().manual_seed(0))
-        out = []
         try:
             batch = {k: v.to(module.device) for k, v in run.sample_batch().items()}
             cached = getattr(module, "activation_cache", None) is not None
@@ -234,21 +233,13 @@ class ProgressiveUpgrade(FederatedAlgorithm):
             # A client below the configuration's depth runs the adapters it froze forward: the cache serves
             # only from the configuration's boundary (ActivationCache.stable_boundary).
             cap = len(module.adapter_injection.layers) - config[0]
+            depths = range(config[0], 0, -1) if config[0] > 0 else [0]
             local = run.mean_local_batches()
-            for depth in range(config[0], 0, -1) if config[0] > 0 else [0]:
-                with _train_depth(module, depth) as frozen:
-                    # What travels: the whole state down (the frozen adapters run forward, and others trained
-                    # them last round), the state less the frozen adapters up (TrialGroupStrategy.download_share).
-                    up = total - sum(p.numel() * p.element_size() for p in frozen)
-                    seconds = {
-                        p.name: cost.round_seconds(module.model, batch, local, total, p, cached, cap, nbytes_up=up)
-                        for p in cost.fleet_profiles()
-                    }
-                    memory = cost.memory_bytes(module.model, batch)
-                out.append({"depth": depth, "seconds": seconds, "memory_bytes": memory})
+            return cost.train_depth_costs(
+                module.model, batch, local, total, depths, lambda d: _train_depth(module, d), cached, cap
+            )
         finally:
             module.set_trainable_state(saved)
-        return out
 
     def _round_cost(self, config: Config, module: Any) -> float:
         """Predicted simulated seconds of one client round in ``config``: local steps + download + upload."""
