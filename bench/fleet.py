@@ -351,12 +351,16 @@ def plot(results: dict, out: Path) -> None:
     for key in results:
         alpha, seed = key.split("/")
         ax = axes[alphas.index(alpha)][seeds.index(seed)]
-        for method, res in results[key].items():
+        # One colour per method in every panel, and the legend in METHODS' order, however the runs were merged.
+        order = sorted(results[key], key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
+        for method in order:
+            res = results[key][method]
             points = [(r["sim_time_h"], r["val_acc"]) for r in res["rows"] if "val_acc" in r]
             hours = [h for h, _ in points]
             # Trial groups' clocks restart at each window (see hours_to): points only, no line through time.
             line = "-" if hours == sorted(hours) else "none"
-            ax.plot(*zip(*points, strict=True), label=method, marker=".", linestyle=line)
+            colour = f"C{METHODS.index(method)}" if method in METHODS else None
+            ax.plot(*zip(*points, strict=True), label=method, marker=".", linestyle=line, color=colour)
         ax.set_title(f"alpha/seed {key}")
         ax.set_xlabel("simulated hours (fleet: 50% rpi4b, 30% orin_nano, 20% tx2)")
         ax.set_ylabel("validation accuracy")
