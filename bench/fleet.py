@@ -36,6 +36,9 @@ capped differently (by rounds or by simulated hours) are compared over the same 
 
 ``--from-results A.json B.json`` re-tabulates and re-plots runs saved by earlier invocations (for instance the
 baselines and the fleet-aware methods run apart) without training anything; the target is recomputed over all.
+Every run also writes its rounds so far after each round to ``progress_<alpha>_<seed>_<method>.json`` in
+``--out`` (marked partial), so a run stopped by hand can be read the same way; the table names it with the
+simulated hour it reached.
 """
 
 from __future__ import annotations
