@@ -91,9 +91,12 @@ KEPT = (
 )
 
 
-def kept_rows(history: list[dict]) -> list[dict]:
-    """The columns of a round's row that the tables and the plot read."""
-    return [{k: row[k] for k in KEPT if k in row} for row in history]
+def saved_run(history: list[dict]) -> dict | None:
+    """A run as ``results.json`` keeps it: the columns of its rows that the tables and the plot read, and its
+    best and final validation accuracy (None before its first validation)."""
+    rows = [{k: row[k] for k in KEPT if k in row} for row in history]
+    accs = [r["val_acc"] for r in rows if "val_acc" in r]
+    return {"rows": rows, "best": max(accs), "final": accs[-1]} if accs else None
 
 
 class SaveProgress(pl.Callback):
@@ -114,12 +117,9 @@ class SaveProgress(pl.Callback):
         self._write()
 
     def _write(self) -> None:
-        rows = kept_rows(self.sync.history)
-        accs = [r["val_acc"] for r in rows if "val_acc" in r]
-        if not accs:
-            return
-        run = {"rows": rows, "best": max(accs), "final": accs[-1], "partial": True}
-        self.path.write_text(json.dumps({self.key: {self.method: run}}, indent=1))
+        run = saved_run(self.sync.history)
+        if run is not None:
+            self.path.write_text(json.dumps({self.key: {self.method: run | {"partial": True}}}, indent=1))
 
 
 def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict:
@@ -177,14 +177,15 @@ def run(method: str, alpha: float, seed: int, args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore")
         trainer.fit(model, datamodule=data)
     wall = time.perf_counter() - t0
-    rows = kept_rows(sync.history)
-    accs = [r["val_acc"] for r in rows if "val_acc" in r]
+    saved = saved_run(sync.history)
+    assert saved is not None, "RoundSync validates the run's last round"
+    rows = saved["rows"]
     print(
         f"[alpha={alpha} seed={seed} {method}] {len(rows)} rounds, {rows[-1]['sim_time_h']:.3f} sim h, {wall:.0f}s "
-        f"wall, best val_acc {max(accs):.4f}, final {accs[-1]:.4f}",
+        f"wall, best val_acc {saved['best']:.4f}, final {saved['final']:.4f}",
         flush=True,
     )
-    return {"rows": rows, "best": max(accs), "final": accs[-1], "wall_s": wall}
+    return saved | {"wall_s": wall}
 
 
 def hours_to(rows: list[dict], target: float) -> float | None:

@@ -133,11 +133,10 @@ class DepthRankUpgrade(FederatedAlgorithm):
         smallest = 1 if on_fleet and self.fleet_budgets else self.start_depth
         batch = {k: v.to(pl_module.device) for k, v in run.sample_batch().items()}
         cut = _freeze_empty(pl_module)
-        frozen = self._freeze_below(pl_module, smallest)
         try:
-            check_memory(cost, model, batch, f"SVD adapters trained in the top {smallest} layer(s)")
+            with self._train_depth(pl_module, smallest):
+                check_memory(cost, model, batch, f"SVD adapters trained in the top {smallest} layer(s)")
         finally:
-            _unfreeze(frozen)
             cut.restore()
         return self.strategy
 
